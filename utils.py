@@ -1,0 +1,170 @@
+"""Run-folder helpers: atomic writes, seeding, devices, heatmap images, the results table."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+
+HEATMAP_PANEL = 256  # each panel of a heatmap PNG is 256 x 256: [image | ground truth | scores] = 768 x 256
+METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro")
+RESULT_COLUMNS = (
+    *METRIC_COLUMNS, "best_epoch",  # the release's columns, values of the selected (best) epoch
+    *(f"last_{m}" for m in METRIC_COLUMNS), "last_epoch",  # the last epoch, never selected on test data
+    "pixel_aupro", "last_pixel_aupro",  # standard MVTec AUPRO (FPR <= 0.3, no dilation)
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes: a temporary file in the same folder, then os.replace
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_torch(obj, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_text(text: str, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_json(obj, path: str) -> None:
+    save_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", path)
+
+
+def save_png(image: np.ndarray | Image.Image, path: str) -> None:
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds and devices
+# ----------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device), as the release does before each class."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(gpu: int | None) -> torch.device:
+    """cuda:<gpu> when CUDA is there and a GPU was asked for, else the CPU."""
+    if gpu is not None and gpu >= 0 and torch.cuda.is_available():
+        if gpu >= torch.cuda.device_count():
+            raise UserError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device(f"cuda:{gpu}")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# heatmaps
+# ----------------------------------------------------------------------------------------------
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The classic 'jet' colour map: values in [0, 1] [H, W] -> uint8 RGB [H, W, 3]."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    centers = np.array([0.75, 0.5, 0.25])  # red, green, blue peak positions
+    rgb = np.clip(1.5 - np.abs(4.0 * v - 4.0 * centers), 0.0, 1.0)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised image tensor [3, S, S] -> uint8 RGB [S, S, 3]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.cpu().float() * std + mean).clamp(0, 1)
+    return (rgb.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def _panel(array: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(array)
+    if img.size != (HEATMAP_PANEL, HEATMAP_PANEL):
+        img = img.resize((HEATMAP_PANEL, HEATMAP_PANEL), Image.BILINEAR)
+    return np.asarray(img.convert("RGB"))
+
+
+def heatmap_panel(image: torch.Tensor, mask: torch.Tensor, amap: torch.Tensor) -> np.ndarray:
+    """[image | ground truth | jet colour map of the raw scores in [0, 1]] as uint8 [256, 768, 3]."""
+    gt = (mask.squeeze().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    scores = jet(amap.cpu().float().numpy())
+    return np.concatenate([_panel(denormalize(image)), _panel(gt), _panel(scores)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# results table
+# ----------------------------------------------------------------------------------------------
+
+
+def format_value(value) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def results_csv(rows: Sequence[tuple[str, dict]]) -> str:
+    """The release's table: 'Row Names' then one row per class and a Mean row; fractions in [0, 1]."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Row Names", *RESULT_COLUMNS])
+    for name, values in rows:
+        writer.writerow([name, *(format_value(values.get(c, math.nan)) for c in RESULT_COLUMNS)])
+    if rows:
+        mean = {c: float(np.mean([float(v.get(c, math.nan)) for _, v in rows])) for c in RESULT_COLUMNS}
+        writer.writerow(["Mean", *(format_value(mean[c]) for c in RESULT_COLUMNS)])
+    return out.getvalue()
+
+
+def results_table(rows: Sequence[tuple[str, dict]], columns: Iterable[str] = METRIC_COLUMNS) -> str:
+    """A console table in percent, as the release prints it."""
+    columns = list(columns)
+    width = max([len("Mean")] + [len(n) for n, _ in rows]) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(13) for c in columns)]
+    for name, values in rows:
+        lines.append(name.ljust(width) + "".join(f"{100 * values[c]:13.2f}" for c in columns))
+    if rows:
+        means = [float(np.mean([v[c] for _, v in rows])) for c in columns]
+        lines.append("Mean".ljust(width) + "".join(f"{100 * m:13.2f}" for m in means))
+    return "\n".join(lines)
