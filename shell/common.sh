@@ -1,0 +1,25 @@
+# Shared by the run-*.sh scripts: resolve paths, then run main.py from the repository root
+# with the release's configuration (spec section 8).
+#   DATAPATH   dataset root (required)
+#   TEST       ckpt (train, then test; default) or test (evaluate saved checkpoints only)
+#   GPU        GPU id (default 0; the CPU is used when CUDA is unavailable)
+#   RESULTS    results folder (default: results/ in the repository)
+#   EPOCHS     training epochs (default 640, the release)
+# Extra arguments to the script are passed to main.py before the subcommands (e.g. --precision bf16).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+: "${DATAPATH:?set DATAPATH to the dataset root, e.g. DATAPATH=/data/mvtec bash shell/run-mvtec.sh}"
+DATAPATH="$(realpath -m "$DATAPATH")"
+RESULTS="$(realpath -m "${RESULTS:-$REPO/results}")"
+cd "$REPO"
+
+run_release() {  # run_release DATASET CLASS...
+  local dataset="$1"; shift
+  local classes=()
+  for c in "$@"; do classes+=(-d "$c"); done
+  python3 main.py --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}" \
+    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 \
+        --target_embed_dimension 1536 --patchsize 3 --meta_epochs "${EPOCHS:-640}" --eval_epochs 1 \
+        --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25 \
+    dataset --batch_size 8 --resize 288 --imagesize 288 "${classes[@]}" "$dataset" "$DATAPATH"
+}

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny generated datasets in MVTec AD and prepared-VisA layout.
+
+The session-scoped roots must not be modified; tests that need broken data use the
+`mvtec_copy` / `visa_copy` fixtures (or shutil.copytree into tmp_path themselves).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from datasets.synthetic import make_dataset, make_visa_dataset
+
+FIXTURE_CLASSES = ("texture", "object")
+FIXTURE_COUNTS = {"n_train": 8, "n_test_good": 3, "n_test_defect": 4}
+FIXTURE_SIZE = 64
+FIXTURE_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MVTec-layout root with classes texture and object (8 train, 3 good + 4 defect test, 64 px)."""
+    root = tmp_path_factory.mktemp("mvtec")
+    make_dataset(root, classes=FIXTURE_CLASSES, size=FIXTURE_SIZE, seed=FIXTURE_SEED, **FIXTURE_COUNTS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def visa_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared-VisA-layout root (split_csv/1cls.csv) with objects texture and object."""
+    root = tmp_path_factory.mktemp("visa")
+    make_visa_dataset(root, classes=FIXTURE_CLASSES, size=FIXTURE_SIZE, seed=FIXTURE_SEED, **FIXTURE_COUNTS)
+    return root
+
+
+@pytest.fixture
+def mvtec_copy(mvtec_root: Path, tmp_path: Path) -> Path:
+    """A private, modifiable copy of mvtec_root."""
+    return Path(shutil.copytree(mvtec_root, tmp_path / "mvtec"))
+
+
+@pytest.fixture
+def visa_copy(visa_root: Path, tmp_path: Path) -> Path:
+    """A private, modifiable copy of visa_root."""
+    return Path(shutil.copytree(visa_root, tmp_path / "visa"))
