@@ -114,7 +114,19 @@ def dataset_command(**options: object) -> tuple[str, dict]:
 
 
 @main.result_callback()
-def dispatch(commands: list[tuple[str, dict]], **global_options: object) -> None:
+def dispatch(commands: list[tuple[str, object]], **global_options: object) -> None:
+    """Run ``net ... dataset ...`` (training / testing), or one standalone tool subcommand.
+
+    A tool subcommand (predict, export) returns (name, fn); fn(global_options) returns an exit code.
+    """
+    tools = [name for name, value in commands if callable(value)]
+    if tools:
+        if len(commands) != 1:
+            raise UserError(f"'{tools[0]}' cannot be combined with other subcommands")
+        code = commands[0][1](global_options)
+        if code:
+            raise SystemExit(code)
+        return
     parts = dict(commands)
     if len(parts) != len(commands):
         raise UserError("each subcommand may appear once")
@@ -366,15 +378,16 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
         train_seconds = ckpt.get("train_seconds", math.nan)
 
     last_metrics, _ = final_metrics(model, test_source, test_set, last["state"])
-    best_metrics, maps = final_metrics(model, test_source, test_set, best["state"])
+    best_metrics, maps = final_metrics(model, test_source, test_set, best["state"])  # leaves the best state loaded
+    normal = pbas.normal_score_statistics(model, train_source) if job.checkpoint is None else job.checkpoint["normal_scores"]
     write_heatmaps(opts, job, maps)
     row = {**best_metrics, "best_epoch": best["epoch"], "last_epoch": last["epoch"],
-           **{f"last_{k}": v for k, v in last_metrics.items() if k != "pixel_aupro"},
-           "last_pixel_aupro": last_metrics["pixel_aupro"]}
+           **{f"last_{k}": last_metrics[k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
     if job.checkpoint is None:
         utils.save_torch({
             "format": CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
             "best": {**best, "metrics": best_metrics}, "last": {**last, "metrics": last_metrics},
+            "normal_scores": normal,
             "train_seconds": train_seconds, "torch_version": torch.__version__,
         }, ckpt_path)
     utils.save_json(row, os.path.join(folder, "metrics.json"))
@@ -423,6 +436,13 @@ def run(opts: RunOptions) -> list[str]:
     if failures:
         LOG.error("failed classes: %s", ", ".join(failures))
     return failures
+
+
+# ----------------------------------------------------------------------------------------------
+# tool subcommands: predict, export (inference.py)
+# ----------------------------------------------------------------------------------------------
+
+# (end of tool subcommands)
 
 
 def cli(argv: list[str] | None = None) -> int:

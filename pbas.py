@@ -411,6 +411,10 @@ def evaluate(model: PBAS, source: FeatureSource, test: TestSet, full: bool) -> t
     if full:
         result.update(metrics.image_metrics(scores, test.labels))
         result.update(metrics.pixel_metrics(maps, test.masks, with_pro=True))
+        try:
+            result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
+        except metrics.UndefinedMetricError:
+            result["image_f1_threshold"], result["image_f1"] = math.nan, math.nan
     return result, scores, maps
 
 
@@ -429,6 +433,26 @@ def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
     if labels.all() or not labels.any():
         return math.nan
     return metrics.auroc(scores, labels)
+
+
+PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal training pixel scores
+
+
+def sorted_quantiles(values: torch.Tensor, count: int = PIXEL_QUANTILES) -> torch.Tensor:
+    """``count`` evenly spaced quantiles (linear interpolation, as torch.quantile) of any number of values."""
+    v = values.flatten().double().sort().values
+    pos = torch.linspace(0, len(v) - 1, count, dtype=torch.float64, device=v.device)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    return (v[lo] + (v[hi] - v[lo]) * (pos - lo)).float()
+
+
+def normal_score_statistics(model: PBAS, train: FeatureSource) -> dict:
+    """Score distributions of the (normal) training images under the current state, for thresholds:
+    every image score [N] and PIXEL_QUANTILES quantiles of all pixel scores."""
+    scores, maps = predict(model, train)
+    return {"image_scores": scores.cpu(), "pixel_quantiles": sorted_quantiles(maps).cpu(),
+            "quantile_levels": torch.linspace(0, 1, PIXEL_QUANTILES)}
 
 
 @dataclass

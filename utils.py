@@ -22,6 +22,7 @@ RESULT_COLUMNS = (
     *METRIC_COLUMNS, "best_epoch",  # the release's columns, values of the selected (best) epoch
     *(f"last_{m}" for m in METRIC_COLUMNS), "last_epoch",  # the last epoch, never selected on test data
     "pixel_aupro", "last_pixel_aupro",  # standard MVTec AUPRO (FPR <= 0.3, no dilation)
+    "image_f1_threshold", "image_f1",  # F1-optimal image threshold on the test set (best epoch) and its F1
 )
 
 
