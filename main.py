@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
+import queue
 import sys
 import time
 import traceback
@@ -255,7 +257,7 @@ class ClassJob:
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
     config: dict
-    checkpoint: dict | None  # a finished checkpoint to test instead of training
+    finished: bool  # a finished checkpoint exists: test it instead of training
 
 
 def prepare_jobs(opts: RunOptions) -> list[ClassJob]:
@@ -270,7 +272,7 @@ def prepare_jobs(opts: RunOptions) -> list[ClassJob]:
             LOG.info("%s: resize %d instead of %d (release rule for MVTec toothbrush and wood)", name, train.resize, opts.resize)
         config = opts.class_config(classname, train.resize)
         path = os.path.join(class_dir(opts, name), CHECKPOINT_NAME)
-        checkpoint = None
+        finished = False
         if opts.test == "test" or os.path.exists(path):
             if opts.test == "test" and not os.path.exists(path):
                 raise UserError(f"--test test: no checkpoint for {name} at {path}; train it first with --test ckpt")
@@ -279,12 +281,12 @@ def prepare_jobs(opts: RunOptions) -> list[ClassJob]:
             if diff is not None:
                 raise UserError(f"{path} was trained with another configuration ({diff}); use another --results_path or remove it")
             if saved.get("complete"):
-                checkpoint = saved
+                finished = True
             elif opts.test == "test":
                 raise UserError(f"{path} is from an unfinished training run; run --test ckpt to train {name} again")
             else:
                 LOG.info("%s: unfinished checkpoint found, training again", name)
-        jobs.append(ClassJob(name, classname, train, test, config, checkpoint))
+        jobs.append(ClassJob(name, classname, train, test, config, finished))
     return jobs
 
 
@@ -347,7 +349,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
     test_set = load_test_set(job.test, opts.config.batch_size, opts.num_workers, device)
     LOG.info("%s: %d train / %d test images, feature cache: %s", job.name, len(job.train), len(job.test), cache)
 
-    if job.checkpoint is None:
+    if not job.finished:
         started = time.time()
         epoch_log = os.path.join(opts.log_dir, f"{job.name}.csv")
         log_lines = ["epoch,loss,svdd_loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc"]
@@ -370,7 +372,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
         last = {"epoch": fit.last_epoch, "state": fit.last_state}
         train_seconds = time.time() - started
     else:
-        ckpt = job.checkpoint
+        ckpt = load_checkpoint(ckpt_path)
         LOG.info("%s: testing the finished checkpoint %s", job.name, ckpt_path)
         center = ckpt["center"]
         model.center = center.to(device)
@@ -379,11 +381,11 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
 
     last_metrics, _ = final_metrics(model, test_source, test_set, last["state"])
     best_metrics, maps = final_metrics(model, test_source, test_set, best["state"])  # leaves the best state loaded
-    normal = pbas.normal_score_statistics(model, train_source) if job.checkpoint is None else job.checkpoint["normal_scores"]
+    normal = ckpt["normal_scores"] if job.finished else pbas.normal_score_statistics(model, train_source)
     write_heatmaps(opts, job, maps)
     row = {**best_metrics, "best_epoch": best["epoch"], "last_epoch": last["epoch"],
            **{f"last_{k}": last_metrics[k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
-    if job.checkpoint is None:
+    if not job.finished:
         utils.save_torch({
             "format": CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
             "best": {**best, "metrics": best_metrics}, "last": {**last, "metrics": last_metrics},
@@ -394,47 +396,123 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
     return row
 
 
-def run(opts: RunOptions) -> list[str]:
-    """Run every class; return the names of the classes that failed."""
-    jobs = prepare_jobs(opts)
-    model_backbone, stages = backbones.load_backbone(opts.config.backbone)
-    backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
-    device = utils.pick_device(opts.gpu[0] if opts.gpu else None)
-    if device.type == "cpu" and opts.gpu and opts.gpu[0] >= 0:
+def configure_precision(precision: str) -> None:
+    """fp32 means fp32: TF32 off for matmuls and cuDNN convolutions (PyTorch enables it for cuDNN by default);
+    tf32 turns it on; bf16 autocast is applied inside the model."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def run_jobs(opts: RunOptions, jobs: list[ClassJob], gpu: int | None, report) -> None:
+    """Run ``jobs`` one after the other on one device; ``report(name, row_or_None, error_or_None)`` after each."""
+    device = utils.pick_device(gpu)
+    if device.type == "cpu" and gpu is not None and gpu >= 0:
         LOG.info("CUDA is not available: running on the CPU")
-    if opts.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model_backbone.eval()
+    configure_precision(opts.precision)
+    stages = None
+    for job in jobs:
+        LOG.info("=== %s (%s)", job.name, device)
+        try:
+            if stages is None or opts.config.train_backbone:  # a fine-tuned backbone must not leak into the next class
+                _, stages = backbones.load_backbone(opts.config.backbone)
+            row = run_class(opts, job, stages, device)
+        except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
+            report(job.name, None, str(exc))
+            continue
+        except (RuntimeError, OSError) as exc:  # e.g. out of memory: keep going with the other classes
+            LOG.debug("%s", traceback.format_exc())
+            report(job.name, None, f"{type(exc).__name__}: {exc}")
+            continue
+        report(job.name, row, None)
+
+
+def _worker(opts: RunOptions, jobs: list[ClassJob], gpu: int, tasks, results, threads: int) -> None:
+    """A worker process: take class indices from ``tasks`` until it is empty, report rows on ``results``."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [gpu {gpu}] %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+
+    def next_jobs():
+        while True:
+            try:
+                index = tasks.get_nowait()
+            except queue.Empty:
+                return
+            results.put(("start", index, None, None))
+            yield jobs[index]
+
+    def report(name: str, row: dict | None, error: str | None) -> None:
+        index = next(i for i, job in enumerate(jobs) if job.name == name)
+        results.put(("done", index, row, error))
+
+    run_jobs(opts, next_jobs(), gpu, report)
+
+
+def run_parallel(opts: RunOptions, jobs: list[ClassJob], report) -> None:
+    """One worker process per --gpu id; classes are handed out one at a time to whichever worker is free."""
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for index in range(len(jobs)):
+        tasks.put(index)
+    threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
+    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads), daemon=True) for gpu in opts.gpu]
+    for w in workers:
+        w.start()
+    started: set[int] = set()
+    finished: set[int] = set()
+    while len(finished) < len(jobs):
+        try:
+            kind, index, row, error = results.get(timeout=1.0)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers):
+                break
+            continue
+        if kind == "start":
+            started.add(index)
+        else:
+            finished.add(index)
+            report(jobs[index].name, row, error)
+    for index in range(len(jobs)):  # classes lost with a crashed worker, or never started
+        if index not in finished:
+            report(jobs[index].name, None, "its worker process ended without a result" if index in started else "not run")
+    for w in workers:
+        w.join(timeout=10)
+
+
+def run(opts: RunOptions) -> list[str]:
+    """Run every class (in this process, or one process per --gpu id); return the names of the classes that failed."""
+    jobs = prepare_jobs(opts)
+    _, stages = backbones.load_backbone(opts.config.backbone)  # fails early on a missing weights file
+    backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
+    del stages
 
     os.makedirs(opts.results_path, exist_ok=True)
-    utils.save_json({"command": sys.argv, "torch": torch.__version__, "device": str(device),
+    utils.save_json({"command": sys.argv, "torch": torch.__version__, "gpu": list(opts.gpu), "precision": opts.precision,
                      "classes": {job.name: job.config for job in jobs}, "cache": opts.cache,
                      "num_workers": opts.num_workers, "log_dir": opts.log_dir},
                     os.path.join(opts.results_path, "config.json"))
-    rows, failures = [], []
-    for job in jobs:
-        LOG.info("=== %s", job.name)
-        try:
-            if opts.config.train_backbone and rows:  # a fine-tuned backbone must not leak into the next class
-                model_backbone, stages = backbones.load_backbone(opts.config.backbone)
-            row = run_class(opts, job, stages, device)
-        except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
-            LOG.error("%s failed: %s", job.name, exc)
-            failures.append(job.name)
-            continue
-        except (RuntimeError, OSError) as exc:  # e.g. out of memory: keep going with the other classes
-            LOG.error("%s failed: %s: %s", job.name, type(exc).__name__, exc)
-            LOG.debug("%s", traceback.format_exc())
-            failures.append(job.name)
-            continue
-        rows.append((job.name, row))
-        utils.save_text(utils.results_csv(rows), os.path.join(opts.results_path, "results.csv"))
-        LOG.info("%s: %s", job.name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
+    order = [job.name for job in jobs]
+    rows: dict[str, dict] = {}
+    failures: list[str] = []
+
+    def report(name: str, row: dict | None, error: str | None) -> None:
+        if row is None:
+            LOG.error("%s failed: %s", name, error)
+            failures.append(name)
+            return
+        rows[name] = row
+        done = [(n, rows[n]) for n in order if n in rows]  # class order, whatever finished first
+        utils.save_text(utils.results_csv(done), os.path.join(opts.results_path, "results.csv"))
+        LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
+
+    if len(opts.gpu) > 1:
+        run_parallel(opts, jobs, report)
+    else:
+        run_jobs(opts, jobs, opts.gpu[0] if opts.gpu else None, report)
     if rows:
-        print(utils.results_table(rows))
+        print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
     if failures:
-        LOG.error("failed classes: %s", ", ".join(failures))
+        LOG.error("failed classes: %s", ", ".join(sorted(failures, key=order.index)))
     return failures
 
 

@@ -225,3 +225,15 @@ def test_error_bad_option_value_is_one_line(mvtec_root: Path, tmp_path: Path, ca
     results = tmp_path / "r"
     code = main.cli(["--test", "train", "--results_path", str(results), *NET, *DATA, "mvtec", str(mvtec_root)])
     expect_one_line_error(capfd, results, code, "--test")
+
+
+def test_two_worker_processes_give_a_whole_table_in_class_order(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
+    """--gpu 0 --gpu 1 runs one process per id (CPU processes here); results.csv comes out whole, in class order,
+    with the same metrics as the single-process run."""
+    code = run_cli(tmp_path, "-d", "texture", "-d", "object", "mvtec", str(mvtec_root), glob=("--gpu", "0", "--gpu", "1"))
+    assert code == 0
+    parallel, single = read_results(tmp_path / "results.csv"), read_results(mvtec_run / "results.csv")
+    assert list(parallel) == ["mvtec_texture", "mvtec_object", "Mean"]
+    for name in parallel:
+        for key, value in single[name].items():
+            assert parallel[name][key] == pytest.approx(value, abs=1e-4), (name, key)
