@@ -364,6 +364,11 @@ class FeatureSource:
             store[idx] = feats.to(store.device)
         return store
 
+    def prepare(self) -> None:
+        """Embed and store every image now (cached modes); otherwise this happens on first use."""
+        if self.cache != "off" and self._features is None:
+            self._features = self._embed_all()
+
     def batches(self, order: Sequence[int], train: bool = False) -> Iterator[torch.Tensor]:
         """Features [b*H*W, D] of each consecutive batch of ``order``."""
         chunks = batches_of(order, self.batch_size)
@@ -372,8 +377,7 @@ class FeatureSource:
                 feats, self.grid = self.model.embed(batch["image"].to(self.device, non_blocking=True), train=train)
                 yield feats
             return
-        if self._features is None:
-            self._features = self._embed_all()
+        self.prepare()
         for chunk in chunks:
             feats = self._features[torch.as_tensor(chunk)]
             yield feats.to(self.device, non_blocking=True).reshape(-1, feats.shape[-1])
@@ -474,6 +478,23 @@ class FitResult:
     history: list[EpochLog] = field(default_factory=list)
 
 
+def initialize(model: PBAS, train: FeatureSource, seed: int) -> None:
+    """Center initialization (one pass of shuffled batches, untrained projector), then fresh optimizers."""
+    model.center = initialize_center(batch_means(model, train, epoch_order(len(train), seed, 0)), model.config.center_metric)
+    model.build_optimizers()
+
+
+def train_epoch(model: PBAS, train: FeatureSource, order: Sequence[int]) -> dict[str, float]:
+    """One epoch of training steps over ``order``; the mean of each step statistic."""
+    sums: dict[str, float] = {}
+    count = 0
+    for feats in train.batches(order, train=True):
+        for key, value in vars(model.train_step(feats)).items():
+            sums[key] = sums.get(key, 0.0) + value
+        count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
 def selection_key(m: dict) -> float:
     """The release keeps the epoch with the largest I-AUROC + P-AUROC (NaN counts as 0)."""
     return sum(0.0 if math.isnan(m[k]) else m[k] for k in ("image_auroc", "pixel_auroc"))
@@ -491,22 +512,14 @@ def fit(model: PBAS, train: FeatureSource, test: FeatureSource, test_set: TestSe
     cfg = model.config
     progress = progress or (lambda it, **_: it)
     n = len(train)
-    model.center = initialize_center(batch_means(model, train, epoch_order(n, seed, 0)), cfg.center_metric)
-    model.build_optimizers()
+    initialize(model, train, seed)
 
     best_key, best = -math.inf, None
     history: list[EpochLog] = []
     last_metrics: dict = {}
     bar = progress(range(cfg.meta_epochs), desc="epochs", total=cfg.meta_epochs)
     for epoch in bar:
-        sums: dict[str, float] = {}
-        count = 0
-        for feats in train.batches(epoch_order(n, seed, epoch + 1), train=True):
-            stats = model.train_step(feats)
-            for key, value in vars(stats).items():
-                sums[key] = sums.get(key, 0.0) + value
-            count += 1
-        log = EpochLog(epoch, {k: v / count for k, v in sums.items()})
+        log = EpochLog(epoch, train_epoch(model, train, epoch_order(n, seed, epoch + 1)))
         if (epoch + 1) % cfg.eval_epochs == 0 or epoch == cfg.meta_epochs - 1:
             last_metrics, _, _ = evaluate(model, test, test_set, full=False)
             log.image_auroc, log.pixel_auroc = last_metrics["image_auroc"], last_metrics["pixel_auroc"]
