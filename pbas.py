@@ -379,8 +379,14 @@ class FeatureSource:
             return
         self.prepare()
         for chunk in chunks:
-            feats = self._features[torch.as_tensor(chunk)]
-            yield feats.to(self.device, non_blocking=True).reshape(-1, feats.shape[-1])
+            idx = torch.as_tensor(chunk, device=self._features.device)
+            if self.cache == "device":
+                feats = self._features[idx]
+            else:  # host cache: gather into pinned memory so the copy to the device can overlap
+                staging = torch.empty((len(chunk), *self._features.shape[1:]), dtype=self._features.dtype,
+                                      pin_memory=self.device.type == "cuda")
+                feats = torch.index_select(self._features, 0, idx, out=staging).to(self.device, non_blocking=True)
+            yield feats.reshape(-1, feats.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------

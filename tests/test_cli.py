@@ -237,3 +237,10 @@ def test_two_worker_processes_give_a_whole_table_in_class_order(mvtec_run: Path,
     for name in parallel:
         for key, value in single[name].items():
             assert parallel[name][key] == pytest.approx(value, abs=1e-4), (name, key)
+
+
+def test_host_cache_gives_the_same_metrics(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
+    assert run_cli(tmp_path, "-d", "texture", "mvtec", str(mvtec_root), glob=("--cache", "host")) == 0
+    host, device = read_results(tmp_path / "results.csv")["mvtec_texture"], read_results(mvtec_run / "results.csv")["mvtec_texture"]
+    for key in host:
+        assert host[key] == pytest.approx(device[key], abs=1e-6), key
