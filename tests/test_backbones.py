@@ -1,0 +1,84 @@
+"""Backbone table, layer validation, weights handling, and the release's command line."""
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import backbones
+import main
+import pbas
+from common import FeatureExtractor
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(backbones.BackboneError, match="wideresnet50, wideresnet101, resnet18, resnet50, efficientnet_lite0"):
+        backbones.load_backbone("vgg16")
+
+
+def test_missing_torchvision_weights_name_the_file_and_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(1)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(backbones.BackboneError) as info:
+        backbones.load_backbone("wideresnet50")
+    message = str(info.value)
+    assert "\n" not in message
+    assert calls  # the patched (offline) weights API was used, whatever this machine's network
+    assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+
+
+def test_efficientnet_lite0_loads_real_weights_offline():
+    model, stages = backbones.load_backbone("efficientnet_lite0")
+    random_model, _ = backbones.load_backbone("efficientnet_lite0", pretrained=False)
+    # pretrained BatchNorm statistics are not the fresh-module defaults
+    assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+    assert torch.allclose(random_model.bn1.running_var, torch.ones_like(random_model.bn1.running_var))
+    x = torch.randn(1, 3, 128, 128)
+    feats = FeatureExtractor(stages, ["blocks.2", "blocks.4"]).eval()(x)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8)]  # strides 8 and 16
+
+
+def test_extractor_runs_nothing_after_the_last_requested_layer():
+    _, stages = backbones.load_backbone("resnet18", pretrained=False)
+    extractor = FeatureExtractor(stages, ["layer2", "layer3"])
+    assert extractor.names == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+    calls = []
+    stages_by_name = dict(stages)
+    stages_by_name["layer4"].register_forward_hook(lambda *a: calls.append("layer4"))
+    extractor.eval()(torch.randn(1, 3, 64, 64))
+    assert calls == []
+
+
+def test_layer_validation():
+    _, stages = backbones.load_backbone("resnet18", pretrained=False)
+    with pytest.raises(backbones.BackboneError, match="valid layers: conv1"):
+        backbones.check_layers("resnet18", ["layer2", "blocks.2"], stages)
+    with pytest.raises(backbones.BackboneError):
+        backbones.check_layers("resnet18", ["layer2", "layer2"], stages)
+
+
+def test_release_command_line_is_accepted_verbatim(monkeypatch, tmp_path):
+    """Spec section 8, with every other option the release has."""
+    seen = {}
+    monkeypatch.setattr(main, "run", lambda opts: seen.setdefault("opts", opts) and [])
+    argv = ("--gpu 0 --seed 0 --test ckpt --results_path RES --log_group g --log_project p --run_name r "
+            "net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 "
+            "--target_embed_dimension 1536 --patchsize 3 --meta_epochs 640 --eval_epochs 1 "
+            "--dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25 --dsc_margin 0.5 --train_backbone "
+            "dataset --batch_size 8 --resize 288 --imagesize 288 --num_workers 2 -d carpet -d grid mvtec DATA").split()
+    argv = [str(tmp_path / a) if a in ("RES", "DATA") else a for a in argv]
+    assert main.cli(argv) == 0
+    opts = seen["opts"]
+    expected = pbas.PBASConfig(train_backbone=True)  # the dataclass defaults are the released values
+    assert opts.config == expected
+    assert opts.classes == ["carpet", "grid"] and opts.dataset == "mvtec" and opts.num_workers == 2
+    assert opts.log_dir.endswith("logs/p/g/r") and opts.cache == "off"
