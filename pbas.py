@@ -13,7 +13,6 @@ Nothing here touches the file system: ``fit`` reports through callbacks and ``ma
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
