@@ -167,16 +167,6 @@ def initialize_center(batch_means: Iterator[torch.Tensor], metric: str = "cosine
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepStats:
-    loss: float
-    svdd_loss: float  # L_c (Eq. 6)
-    true_loss: float  # L_n (Eq. 8)
-    fake_loss: float  # L_a (Eq. 9)
-    p_true: float  # share of normal rows scored below dsc_margin
-    p_fake: float  # share of synthetic rows scored at or above dsc_margin
-
-
 class PBAS(torch.nn.Module):
     """E_phi (frozen unless train_backbone) + P_theta + D_psi + the center c."""
 
@@ -230,8 +220,13 @@ class PBAS(torch.nn.Module):
         z = u + (offset / dist * radius * self.config.k).detach()
         return radius, z, idx
 
-    def train_step(self, feats: torch.Tensor) -> StepStats:
-        """One optimisation step on a batch of patch features [B*H*W, D] (spec section 5)."""
+    def train_step(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch of patch features [B*H*W, D] (spec section 5).
+
+        Returns 0-dim tensors on the device (no synchronisation): loss, svdd_loss (L_c, Eq. 6),
+        true_loss (L_n, Eq. 8), fake_loss (L_a, Eq. 9), p_true / p_fake (share of normal rows scored
+        below ``dsc_margin`` / synthetic rows at or above it).
+        """
         self.projector.train()
         self.discriminator.train()
         for opt in self.optimizers:
@@ -248,14 +243,14 @@ class PBAS(torch.nn.Module):
         for opt in self.optimizers:
             opt.step()
         margin = self.config.dsc_margin
-        return StepStats(
-            loss=loss.item(),
-            svdd_loss=svdd_loss.item(),
-            true_loss=true_loss.item(),
-            fake_loss=fake_loss.item(),
-            p_true=(true_scores < margin).float().mean().item(),
-            p_fake=(fake_scores >= margin).float().mean().item(),
-        )
+        return {
+            "loss": loss.detach(),
+            "svdd_loss": svdd_loss.detach(),
+            "true_loss": true_loss.detach(),
+            "fake_loss": fake_loss.detach(),
+            "p_true": (true_scores < margin).float().mean(),
+            "p_fake": (fake_scores >= margin).float().mean(),
+        }
 
     @torch.no_grad()
     def project(self, feats: torch.Tensor) -> torch.Tensor:
@@ -491,13 +486,9 @@ def initialize(model: PBAS, train: FeatureSource, seed: int) -> None:
 
 def train_epoch(model: PBAS, train: FeatureSource, order: Sequence[int]) -> dict[str, float]:
     """One epoch of training steps over ``order``; the mean of each step statistic."""
-    sums: dict[str, float] = {}
-    count = 0
-    for feats in train.batches(order, train=True):
-        for key, value in vars(model.train_step(feats)).items():
-            sums[key] = sums.get(key, 0.0) + value
-        count += 1
-    return {k: v / count for k, v in sums.items()}
+    steps = [model.train_step(feats) for feats in train.batches(order, train=True)]
+    means = torch.stack([torch.stack(list(s.values())) for s in steps]).mean(0).tolist()  # one sync per epoch
+    return dict(zip(steps[0], means))
 
 
 def selection_key(m: dict) -> float:
