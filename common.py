@@ -86,8 +86,9 @@ class PatchEmbedder(torch.nn.Module):
                 x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)  # [B, pretrain_dim, H, W]
             per_layer.append(x.permute(0, 2, 3, 1).reshape(-1, self.pretrain_dim))  # [B*H*W, pretrain_dim]
         stacked = torch.stack(per_layer, dim=1)  # [B*H*W, L, pretrain_dim]
-        merged = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), self.target_dim)  # [B*H*W, 1, target_dim]
-        return merged.reshape(len(stacked), self.target_dim), grid
+        rows = stacked.shape[0]  # not len(): that would freeze the batch size in an exported (ONNX) graph
+        merged = F.adaptive_avg_pool1d(stacked.reshape(rows, 1, -1), self.target_dim)  # [B*H*W, 1, target_dim]
+        return merged.reshape(rows, self.target_dim), grid
 
 
 def _gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:

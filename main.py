@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import click
 import torch
-from tqdm import tqdm
 
 import backbones
 import datasets
@@ -33,7 +32,6 @@ import utils
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
-CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 CACHE_MODES = ("auto", "device", "host", "off")
 # Settings that do not change what a checkpoint contains; everything else must match to reuse one.
@@ -225,19 +223,6 @@ def class_dir(opts: RunOptions, name: str) -> str:
     return os.path.join(opts.results_path, "models", name)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this program; a one-line UserError for anything else."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as exc:
-        raise UserError(f"no checkpoint at {path}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise UserError(f"{path} is not a readable PBAS checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
-        raise UserError(f"{path} is not a PBAS checkpoint of format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
 def config_difference(saved: dict, wanted: dict) -> str | None:
     """A short description of the first setting that differs, or None when the configurations agree."""
     flat_saved = {**saved, **saved.get("net", {})}
@@ -276,7 +261,7 @@ def prepare_jobs(opts: RunOptions) -> list[ClassJob]:
         if opts.test == "test" or os.path.exists(path):
             if opts.test == "test" and not os.path.exists(path):
                 raise UserError(f"--test test: no checkpoint for {name} at {path}; train it first with --test ckpt")
-            saved = load_checkpoint(path)
+            saved = utils.load_checkpoint(path)
             diff = config_difference(saved["config"], config)
             if diff is not None:
                 raise UserError(f"{path} was trained with another configuration ({diff}); use another --results_path or remove it")
@@ -317,11 +302,6 @@ def load_test_set(dataset: torch.utils.data.Dataset, batch_size: int, num_worker
     return pbas.TestSet(labels=torch.cat(labels).to(device), masks=torch.cat(masks).to(device))
 
 
-def progress(iterable, desc: str, total: int | None = None):
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr,
-                disable=None if sys.stderr.isatty() else True)
-
-
 def write_heatmaps(opts: RunOptions, job: ClassJob, maps: torch.Tensor) -> None:
     folder = os.path.join(opts.results_path, "heatmaps", job.name)
     for i in range(len(job.test)):
@@ -344,7 +324,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
     ckpt_path = os.path.join(folder, CHECKPOINT_NAME)
     positions = grid_positions(model, opts.config.imagesize, device)
     cache = choose_cache(opts, device, len(job.train) + len(job.test), positions)
-    make_source = lambda ds: pbas.FeatureSource(model, ds, opts.config.batch_size, opts.num_workers, device, cache, progress)
+    make_source = lambda ds: pbas.FeatureSource(model, ds, opts.config.batch_size, opts.num_workers, device, cache, utils.progress)
     train_source, test_source = make_source(job.train), make_source(job.test)
     test_set = load_test_set(job.test, opts.config.batch_size, opts.num_workers, device)
     LOG.info("%s: %d train / %d test images, feature cache: %s", job.name, len(job.train), len(job.test), cache)
@@ -362,17 +342,17 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
                 utils.save_text("\n".join(log_lines) + "\n", epoch_log)
 
         def on_best(epoch: int, state: dict, metrics: dict) -> None:
-            utils.save_torch({"format": CHECKPOINT_FORMAT, "complete": False, "config": job.config,
+            utils.save_torch({"format": utils.CHECKPOINT_FORMAT, "complete": False, "config": job.config,
                               "center": model.center.cpu(), "best": {"epoch": epoch, "state": state, "metrics": metrics}},
                              ckpt_path)
 
-        fit = pbas.fit(model, train_source, test_source, test_set, opts.seed, on_epoch, on_best, progress)
+        fit = pbas.fit(model, train_source, test_source, test_set, opts.seed, on_epoch, on_best, utils.progress)
         center = model.center.cpu()
         best = {"epoch": fit.best_epoch, "state": fit.best_state}
         last = {"epoch": fit.last_epoch, "state": fit.last_state}
         train_seconds = time.time() - started
     else:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = utils.load_checkpoint(ckpt_path)
         LOG.info("%s: testing the finished checkpoint %s", job.name, ckpt_path)
         center = ckpt["center"]
         model.center = center.to(device)
@@ -387,21 +367,13 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
            **{f"last_{k}": last_metrics[k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
     if not job.finished:
         utils.save_torch({
-            "format": CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
+            "format": utils.CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
             "best": {**best, "metrics": best_metrics}, "last": {**last, "metrics": last_metrics},
             "normal_scores": normal,
-            "train_seconds": train_seconds, "torch_version": torch.__version__,
+            "train_seconds": train_seconds, "torch_version": str(torch.__version__),
         }, ckpt_path)
     utils.save_json(row, os.path.join(folder, "metrics.json"))
     return row
-
-
-def configure_precision(precision: str) -> None:
-    """fp32 means fp32: TF32 off for matmuls and cuDNN convolutions (PyTorch enables it for cuDNN by default);
-    tf32 turns it on; bf16 autocast is applied inside the model."""
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def run_jobs(opts: RunOptions, jobs: list[ClassJob], gpu: int | None, report) -> None:
@@ -409,7 +381,7 @@ def run_jobs(opts: RunOptions, jobs: list[ClassJob], gpu: int | None, report) ->
     device = utils.pick_device(gpu)
     if device.type == "cpu" and gpu is not None and gpu >= 0:
         LOG.info("CUDA is not available: running on the CPU")
-    configure_precision(opts.precision)
+    utils.configure_precision(opts.precision)
     stages = None
     for job in jobs:
         LOG.info("=== %s (%s)", job.name, device)
@@ -519,6 +491,80 @@ def run(opts: RunOptions) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # tool subcommands: predict, export (inference.py)
 # ----------------------------------------------------------------------------------------------
+
+
+THRESHOLD_HELP = ("'auto': the largest score of the normal training images (stored in the checkpoint; each of "
+                  "them scores at or below it); or a number. Images scoring above it are 'anomalous'.")
+PIXEL_THRESHOLD_HELP = ("'auto': the 0.999 quantile of all anomaly-map pixel scores of the normal training images "
+                        "(stored in the checkpoint); or a number. Mask pixels scoring above it are 255.")
+
+
+class InterspersedCommand(click.Command):
+    """A chained subcommand whose options may follow its arguments (``predict IMAGES... --output DIR``).
+
+    Chained groups parse subcommands with interspersed options off; a tool subcommand takes every
+    remaining argument, since it cannot be combined with other subcommands anyway.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.allow_interspersed_args = True
+        return super().parse_args(ctx, args)
+
+
+@main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=str)
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/DATASET_CLASS/).")
+@click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
+@click.option("--threshold", type=str, default="auto", help=f"Image threshold. {THRESHOLD_HELP}")
+@click.option("--pixel_threshold", type=str, default="auto", help=f"Pixel threshold of the masks. {PIXEL_THRESHOLD_HELP}")
+@click.option("--batch_size", type=int, default=8, help="Images per forward pass.")
+def predict_command(images: tuple[str, ...], checkpoint: str, output: str, threshold: str, pixel_threshold: str,
+                    batch_size: int) -> tuple[str, object]:
+    """Score IMAGES (files, or folders searched recursively for png/jpg/jpeg/bmp/tif/tiff) with a trained checkpoint.
+
+    Each image (grayscale, RGB or RGBA; any size) is resized and center-cropped as in training. Writes
+    OUTPUT/predictions.csv (path, image_score, decision, the thresholds used, output file names) and, per
+    image at its original size, NAME_overlay.png (anomaly map in jet colours over the image) and NAME_mask.png
+    (0/255). NAME is the path relative to the given folder with '/' -> '__' and '.ext' -> '_ext'. Pixels
+    outside the center crop are not seen by the network: score 0, mask 0, no colour. Uses the global --gpu
+    (first id) and --precision. Exit code 0: all scored; 1: unreadable files were skipped (reported on stderr),
+    the rest written; 2: bad arguments or checkpoint.
+
+    \b
+    Default thresholds (auto), from the normal training images, no labelled defects needed:
+      image: max normal training image score; pixel: 0.999 quantile of their anomaly-map pixels.
+    """
+    import inference
+
+    def run_tool(g: dict) -> int:
+        opts = inference.PredictOptions(
+            checkpoint=checkpoint, inputs=list(images), output=output,
+            threshold=inference.parse_threshold(threshold, "--threshold"),
+            pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"),
+            batch_size=batch_size, gpu=g["gpu"][0] if g["gpu"] else None, precision=g["precision"])
+        return inference.predict(opts)
+
+    return "predict", run_tool
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training.")
+@click.option("--output", required=True, type=str, help="ONNX file to write (atomically).")
+@click.option("--opset", type=int, default=None, show_default="the exporter's native opset",
+              help="ONNX opset version.")
+def export_command(checkpoint: str, output: str, opset: int | None) -> tuple[str, object]:
+    """Export the whole inference graph of a checkpoint to ONNX (fp32, CPU).
+
+    Input 'images': normalised images [B, 3, S, S] float32 (resize + center crop + ImageNet normalisation as
+    in training; S = the checkpoint's imagesize), dynamic batch B. Outputs 'image_scores' [B] and
+    'anomaly_maps' [B, S, S]. The graph is always fp32 (the global --precision does not apply). Before
+    writing, its outputs on random images are compared with PyTorch's (onnxruntime, CPU): above 1e-4 it is
+    not written and the exit code is 1.
+    """
+    import inference
+
+    return "export", lambda g: inference.export_onnx(checkpoint, output, opset)
+
 
 # (end of tool subcommands)
 

@@ -6,15 +6,23 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import sys
 import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
+
+CHECKPOINT_FORMAT = 1
+# What torch.load raises on a file that is not a checkpoint of ours (random bytes, truncated, foreign pickle).
+CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError,
+                          pickle.UnpicklingError, OverflowError, MemoryError)
 
 HEATMAP_PANEL = 256  # each panel of a heatmap PNG is 256 x 256: [image | ground truth | scores] = 768 x 256
 METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro")
@@ -35,6 +43,12 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -44,6 +58,7 @@ def _atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -56,6 +71,10 @@ def save_torch(obj, path: str) -> None:
 
 def save_text(text: str, path: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_bytes(data: bytes, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def save_json(obj, path: str) -> None:
@@ -77,8 +96,23 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this program (tensors and plain data only); a one-line UserError otherwise."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"no checkpoint at {path}") from exc
+    except CHECKPOINT_LOAD_ERRORS as exc:
+        raise UserError(f"{path} is not a readable PBAS checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a PBAS checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------------------------
-# seeds and devices
+# seeds, devices, numerics, progress
 # ----------------------------------------------------------------------------------------------
 
 
@@ -97,6 +131,20 @@ def pick_device(gpu: int | None) -> torch.device:
             raise UserError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device(f"cuda:{gpu}")
     return torch.device("cpu")
+
+
+def configure_precision(precision: str) -> None:
+    """fp32 means fp32: TF32 off for matmuls and cuDNN convolutions (PyTorch enables it for cuDNN by default);
+    tf32 turns it on; bf16 autocast is applied inside the model."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """A tqdm bar on stderr when it is a terminal; silent otherwise (logs and CI stay readable)."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr,
+                disable=None if sys.stderr.isatty() else True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def timed(device: torch.device, fn):
 
 def measure(args, stages, train_ds, test_ds, device, cache: str, precision: str) -> PathTiming:
     utils.set_seed(args.seed)
-    main.configure_precision(precision)
+    utils.configure_precision(precision)
     config = pbas.PBASConfig(backbone=args.backbone, imagesize=args.imagesize, batch_size=args.batch_size)
     model = pbas.PBAS(config, stages, precision).to(device)
     source = lambda ds: pbas.FeatureSource(model, ds, args.batch_size, args.num_workers, device, cache)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import main
 from datasets.synthetic import make_dataset, make_visa_dataset
 
 FIXTURE_CLASSES = ("texture", "object")
@@ -45,3 +46,22 @@ def mvtec_copy(mvtec_root: Path, tmp_path: Path) -> Path:
 def visa_copy(visa_root: Path, tmp_path: Path) -> Path:
     """A private, modifiable copy of visa_root."""
     return Path(shutil.copytree(visa_root, tmp_path / "visa"))
+
+
+# A tiny PBAS model trained through the command line on mvtec_root (CPU, seconds); used by predict/export tests.
+TRAINED_CLASS = "texture"
+TRAINED_IMAGESIZE = 64
+TRAIN_ARGS = ("net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "64",
+              "--target_embed_dimension", "64", "--dsc_hidden", "32", "--meta_epochs", "2",
+              "dataset", "--batch_size", "4", "--resize", "64", "--imagesize", str(TRAINED_IMAGESIZE), "--num_workers", "0",
+              "-d", TRAINED_CLASS)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoint.pt of class 'texture' trained for 2 epochs (do not modify; copy it first)."""
+    results = tmp_path_factory.mktemp("trained")
+    assert main.cli(["--results_path", str(results), *TRAIN_ARGS, "mvtec", str(mvtec_root)]) == 0
+    path = results / "models" / f"mvtec_{TRAINED_CLASS}" / main.CHECKPOINT_NAME
+    assert path.is_file()
+    return path

@@ -1,0 +1,508 @@
+"""Use a trained PBAS checkpoint: load it, score new images of any size, thresholds, ONNX export.
+
+Reading order:
+    load_model, read_checkpoint    a checkpoint written by main.py -> a PBAS model in eval mode (one-line errors)
+    PBASInference                  nn.Module: normalised images [B, 3, S, S] -> (image_scores [B], anomaly_maps [B, S, S])
+    auto_thresholds                the default thresholds, from the normal training images (no labelled defects)
+    CropGeometry, to_original      where the S x S network input lies in the original image; maps back to it
+    predict                        the ``main.py predict`` tool: files -> predictions.csv, overlays, masks
+    export_onnx                    the ``main.py export`` tool: the inference graph as ONNX
+
+Thresholds (``--threshold auto`` / ``--pixel_threshold auto``), from the checkpoint's ``normal_scores``,
+the scores of the normal TRAINING images under the selected (best) state:
+    image threshold = the largest normal training image score: every normal training image scores at
+        or below it, so it is the lowest threshold under which the model calls none of them anomalous;
+    pixel threshold = the 0.999 quantile of all normal training anomaly-map pixels (about one normal
+        pixel in a thousand lies above it).
+An image is 'anomalous' when its score is strictly above the image threshold; a mask pixel is 255 when
+its score is strictly above the pixel threshold.
+
+Geometry: the network sees the centre crop ``imagesize`` of the image resized so that its shorter side
+is ``resize`` (as in training). Its anomaly map is mapped back to the original pixels through that
+geometry (bilinear); original pixels outside the crop are not seen by the network: they get score 0 and
+mask 0, and the overlay leaves them uncoloured.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import backbones
+import datasets
+import pbas
+import utils
+from datasets.base import IMAGE_EXTENSIONS, IMAGE_READ_ERRORS
+from utils import UserError
+
+LOG = logging.getLogger("pbas")
+NORMAL_PIXEL_QUANTILE = 0.999  # pixel threshold: this quantile of the normal training pixel scores
+OVERLAY_ALPHA = 0.5  # weight of the jet colours in the overlay PNGs
+PREDICTIONS_NAME = "predictions.csv"
+PREDICTION_COLUMNS = ("path", "image_score", "decision", "image_threshold", "pixel_threshold", "overlay", "mask")
+ANOMALOUS, NORMAL = "anomalous", "normal"
+ONNX_OPSET = 18  # the opset the dynamo exporter writes natively
+ONNX_INPUTS = ("images",)
+ONNX_OUTPUTS = ("image_scores", "anomaly_maps")
+ONNX_LOGGERS = ("onnxscript", "onnx_ir")  # quieted to WARNING while exporting
+ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted by the export check
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str) -> dict:
+    """A complete checkpoint written by ``main.py``; a one-line UserError for anything else."""
+    ckpt = utils.load_checkpoint(path)
+    config = ckpt["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("net"), dict) or not isinstance(config.get("resize"), int):
+        raise UserError(f"{path} is not a PBAS checkpoint: its configuration lacks 'net' or 'resize'")
+    if not ckpt.get("complete"):
+        raise UserError(f"{path} is from an unfinished training run; finish training it first (main.py --test ckpt ...)")
+    missing = [key for key in ("center", "best") if key not in ckpt]
+    if missing or not isinstance(ckpt["best"], dict) or "state" not in ckpt["best"]:
+        raise UserError(f"{path} is not a complete PBAS checkpoint (missing {', '.join(missing) or 'best state'})")
+    return ckpt
+
+
+def _config_of(ckpt: dict, path: str) -> pbas.PBASConfig:
+    """The stored network configuration; a UserError when it cannot be read."""
+    try:
+        return pbas.PBASConfig.from_dict(ckpt["config"]["net"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable network configuration ({exc})") from exc
+
+
+def _restore_state(model: pbas.PBAS, ckpt: dict, path: str) -> None:
+    """Load the center and the best trained state; a one-line UserError when they do not fit the configuration."""
+    center = ckpt["center"]
+    dim = model.config.target_embed_dimension
+    try:
+        if not isinstance(center, torch.Tensor) or center.dim() != 2 or center.shape[1] != dim:
+            raise ValueError(f"center {tuple(getattr(center, 'shape', ()))}, expected [positions, {dim}]")
+        model.load_trained_state(ckpt["best"]["state"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"checkpoint {path} does not match its configuration ({reason})") from exc
+    model.center = center.float()
+
+
+def load_model(path: str, device: torch.device, precision: str = "fp32") -> tuple[pbas.PBAS, dict]:
+    """A checkpoint -> (PBAS with its best state, in eval mode on ``device``; the checkpoint dict).
+
+    Builds the backbone with its pretrained weights (BackboneError when they are missing).
+    """
+    if precision not in pbas.PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; valid: {', '.join(pbas.PRECISIONS)}")
+    ckpt = read_checkpoint(path)
+    config = _config_of(ckpt, path)
+    _, stages = backbones.load_backbone(config.backbone)
+    backbones.check_layers(config.backbone, config.layers, stages)
+    model = pbas.PBAS(config, stages, precision)
+    _restore_state(model, ckpt, path)
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# the inference graph
+# ----------------------------------------------------------------------------------------------
+
+
+class PBASInference(torch.nn.Module):
+    """The scoring path of ``pbas.predict`` from images: embed, project, discriminate, upsample, smooth.
+
+    images [B, 3, S, S] (normalised) -> (image_scores [B], anomaly_maps [B, S, S]), float32.
+    """
+
+    def __init__(self, model: pbas.PBAS):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, grid = self.model.embed(images)  # [B*H*W, D], (H, W)
+        return self.model.score(feats, grid)
+
+
+def exportable(model: pbas.PBAS) -> PBASInference:
+    """The inference wrapper around an fp32 copy of ``model``."""
+    clone = copy.deepcopy(model)
+    clone.precision = "fp32"
+    return PBASInference(clone).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# thresholds
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_threshold(text: str, option: str) -> float | None:
+    """'auto' -> None (use the checkpoint's rule); a finite number -> that number; else a UserError."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise UserError(f"{option} must be 'auto' or a number, got '{text}'") from exc
+    if not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got '{text}'")
+    return value
+
+
+def auto_thresholds(normal: dict) -> tuple[float, float]:
+    """(image, pixel) thresholds from the normal training score statistics stored in a checkpoint.
+
+    image: max of the normal training image scores (each of them is scored at or below it);
+    pixel: NORMAL_PIXEL_QUANTILE (0.999) quantile of all their anomaly-map pixels, interpolated
+    linearly in the stored quantiles (0, 0.001, ..., 1).
+    """
+    image = float(normal["image_scores"].max())
+    levels = normal["quantile_levels"].double().numpy()
+    quantiles = normal["pixel_quantiles"].double().numpy()
+    return image, float(np.interp(NORMAL_PIXEL_QUANTILE, levels, quantiles))
+
+
+def resolve_thresholds(ckpt: dict, image: float | None, pixel: float | None, path: str) -> tuple[float, float]:
+    """Given thresholds override the automatic ones; 'auto' needs the checkpoint's normal training scores."""
+    if image is not None and pixel is not None:
+        return image, pixel
+    normal = ckpt.get("normal_scores")
+    if not isinstance(normal, dict) or not {"image_scores", "pixel_quantiles", "quantile_levels"} <= set(normal):
+        raise UserError(f"{path} stores no normal training scores (an older checkpoint); "
+                        "give --threshold and --pixel_threshold as numbers, or train it again")
+    auto_image, auto_pixel = auto_thresholds(normal)
+    return (auto_image if image is None else image), (auto_pixel if pixel is None else pixel)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry: the network input inside the original image
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """torchvision Resize(resize) then CenterCrop(size) of a width x height image, as in training."""
+
+    width: int
+    height: int
+    resized_width: int
+    resized_height: int
+    left: int  # crop offset in resized pixels; negative where CenterCrop padded
+    top: int
+    size: int
+
+    @classmethod
+    def of(cls, width: int, height: int, resize: int, size: int) -> "CropGeometry":
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(resize * long / short)  # torchvision's rule for Resize(int)
+        rw, rh = (resize, new_long) if width <= height else (new_long, resize)
+        return cls(width, height, rw, rh, _crop_offset(rw, size), _crop_offset(rh, size), size)
+
+
+def _crop_offset(n: int, size: int) -> int:
+    """torchvision CenterCrop's first row/column in an n-pixel axis (pads symmetrically when n < size)."""
+    return int(round((n - size) / 2.0)) if n >= size else -((size - n) // 2)
+
+
+def _axis_weights(n: int, resized: int, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear weights from the crop's ``size`` samples to the ``n`` original pixels of one axis.
+
+    -> (weights [n, size] float32, inside [n] bool: the pixel's center lies in the crop).
+    """
+    edge = (torch.arange(n, dtype=torch.float64) + 0.5) * (resized / n) - offset  # crop coordinate, edges at 0..size
+    inside = (edge >= 0) & (edge < size)
+    pos = (edge - 0.5).clamp(0, size - 1)  # crop pixel centers at 0..size-1
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=size - 1)
+    frac = pos - lo
+    weights = torch.zeros(n, size, dtype=torch.float64)
+    rows = torch.arange(n)
+    weights.index_put_((rows, lo), 1 - frac, accumulate=True)
+    weights.index_put_((rows, hi), frac, accumulate=True)
+    weights[~inside] = 0
+    return weights.float(), inside
+
+
+def to_original(amap: torch.Tensor, geometry: CropGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """An anomaly map of the crop [S, S] -> (scores [H, W] of the original pixels, inside [H, W] bool).
+
+    Bilinear upsampling to the crop's extent in original pixels; 0 outside the crop.
+    """
+    g = geometry
+    wy, in_y = _axis_weights(g.height, g.resized_height, g.top, g.size)  # [H, S]
+    wx, in_x = _axis_weights(g.width, g.resized_width, g.left, g.size)  # [W, S]
+    scores = wy @ amap.float().cpu() @ wx.T  # [H, W]
+    return scores, in_y[:, None] & in_x[None, :]
+
+
+def overlay(rgb: np.ndarray, scores: torch.Tensor, inside: torch.Tensor) -> np.ndarray:
+    """Jet colours of the scores (in [0, 1], as the training heatmaps) blended over the image, inside the crop.
+
+    rgb uint8 [H, W, 3], scores [H, W], inside [H, W] -> uint8 [H, W, 3]
+    """
+    colours = utils.jet(scores.numpy()).astype(np.float32)
+    blended = (1 - OVERLAY_ALPHA) * rgb.astype(np.float32) + OVERLAY_ALPHA * colours
+    out = np.where(inside.numpy()[..., None], blended, rgb.astype(np.float32))
+    return (out + 0.5).astype(np.uint8)
+
+
+def binary_mask(scores: torch.Tensor, inside: torch.Tensor, threshold: float) -> np.ndarray:
+    """255 where the score is above the threshold inside the crop, else 0: uint8 [H, W]."""
+    return (((scores > threshold) & inside).numpy() * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# input files and output names
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: str  # as found: the given file, or the given folder joined with the relative path
+    name: str  # unique output name stem
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, hidden entries skipped), relative paths in sorted order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if _is_image_name(f)]
+    return sorted(found)
+
+
+def _output_stem(relative: str) -> str:
+    """'good/000.png' -> 'good__000_png': separators and the extension dot replaced, so names stay apart."""
+    stem, ext = os.path.splitext(relative)
+    parts = [p for p in stem.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "__".join(parts) + ("_" + ext[1:].lower() if ext else "")
+
+
+def collect_inputs(paths: Sequence[str]) -> list[InputImage]:
+    """Files as given (any extension) and image files of folders (recursive); unique output names.
+
+    A missing path is a UserError; so is finding no image at all.
+    """
+    found: list[tuple[str, str]] = []
+    for given in paths:
+        if os.path.isdir(given):
+            found += [(os.path.join(given, rel), rel) for rel in _folder_images(given)]
+        elif os.path.isfile(given):
+            found.append((given, os.path.basename(given)))
+        else:
+            raise UserError(f"no such file or folder: {given}")
+    if not found:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(paths)}")
+    used: set[str] = set()
+    inputs = []
+    for path, relative in found:
+        stem = base = _output_stem(relative)
+        count = 1
+        while stem.lower() in used:  # same relative path under two given folders (case-insensitive file systems too)
+            count += 1
+            stem = f"{base}-{count}"
+        used.add(stem.lower())
+        inputs.append(InputImage(path, stem))
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------
+# the predict tool
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictOptions:
+    checkpoint: str
+    inputs: list[str]
+    output: str
+    threshold: float | None  # None: auto
+    pixel_threshold: float | None  # None: auto
+    batch_size: int
+    gpu: int | None
+    precision: str
+
+
+@dataclass
+class Decoded:
+    item: InputImage
+    rgb: np.ndarray  # uint8 [H, W, 3], the original pixels
+    tensor: torch.Tensor  # [3, S, S] normalised network input
+
+
+def decode(item: InputImage, transform: Callable[[Image.Image], torch.Tensor]) -> Decoded:
+    """Read an image as RGB (alpha dropped, as in training); IMAGE_READ_ERRORS for unreadable files."""
+    with Image.open(item.path) as image:
+        rgb = image.convert("RGB")
+    return Decoded(item, np.asarray(rgb), transform(rgb))
+
+
+def _batches(items: Sequence[InputImage], size: int) -> list[list[InputImage]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _write_outputs(d: Decoded, score: float, amap: torch.Tensor, geometry: CropGeometry, thresholds: tuple[float, float],
+                   output: str) -> dict:
+    """Overlay and mask PNGs at the original size; the image's predictions.csv row."""
+    scores, inside = to_original(amap, geometry)
+    overlay_name, mask_name = f"{d.item.name}_overlay.png", f"{d.item.name}_mask.png"
+    utils.save_png(overlay(d.rgb, scores, inside), os.path.join(output, overlay_name))
+    utils.save_png(binary_mask(scores, inside, thresholds[1]), os.path.join(output, mask_name))  # [H, W] uint8: mode L
+    return {"path": d.item.path, "image_score": repr(score), "decision": ANOMALOUS if score > thresholds[0] else NORMAL,
+            "image_threshold": repr(thresholds[0]), "pixel_threshold": repr(thresholds[1]),
+            "overlay": overlay_name, "mask": mask_name}
+
+
+def predictions_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _decode_all(chunk: list[InputImage], transform: Callable[[Image.Image], torch.Tensor]) -> list[Decoded]:
+    """The readable images of a chunk; one 'skipped PATH: ...' line on stderr for each other file."""
+    decoded = []
+    for item in chunk:
+        try:
+            decoded.append(decode(item, transform))
+        except IMAGE_READ_ERRORS as exc:
+            tqdm.write(f"skipped {item.path}: cannot read it as an image ({type(exc).__name__})", file=sys.stderr)
+    return decoded
+
+
+def predict(opts: PredictOptions) -> int:
+    """Score every input image; write OUTPUT/predictions.csv, overlays and masks. 0: all scored, 1: some skipped.
+
+    Thresholds: see the module docstring (auto: max normal training image score; 0.999 pixel quantile).
+    """
+    if opts.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
+        raise UserError(f"--output {opts.output} exists and is not a folder")
+    items = collect_inputs(opts.inputs)
+    device = utils.pick_device(opts.gpu)
+    utils.configure_precision(opts.precision)
+    model, ckpt = load_model(opts.checkpoint, device, opts.precision)
+    thresholds = resolve_thresholds(ckpt, opts.threshold, opts.pixel_threshold, opts.checkpoint)
+    resize, size = ckpt["config"]["resize"], model.config.imagesize
+    transform = datasets.image_transform(resize, size)
+    infer = PBASInference(model)
+    LOG.info("%d image(s); image threshold %.6g, pixel threshold %.6g; %s", len(items), *thresholds, device)
+
+    rows = []
+    bar = utils.progress(None, "predict", total=len(items))
+    for chunk in _batches(items, opts.batch_size):
+        decoded = _decode_all(chunk, transform)
+        if decoded:
+            with torch.no_grad():
+                scores, maps = infer(torch.stack([d.tensor for d in decoded]).to(device))  # [b], [b, S, S]
+            for d, score, amap in zip(decoded, scores.tolist(), maps.cpu(), strict=True):
+                geometry = CropGeometry.of(d.rgb.shape[1], d.rgb.shape[0], resize, size)
+                rows.append(_write_outputs(d, score, amap, geometry, thresholds, opts.output))
+        bar.update(len(chunk))
+    bar.close()
+    utils.save_text(predictions_csv(rows), os.path.join(opts.output, PREDICTIONS_NAME))
+    skipped = len(items) - len(rows)
+    anomalous = sum(row["decision"] == ANOMALOUS for row in rows)
+    LOG.info("scored %d image(s) (%d anomalous), skipped %d; results in %s", len(rows), anomalous, skipped,
+             os.path.join(opts.output, PREDICTIONS_NAME))
+    return 1 if skipped else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the export tool
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet(loggers: Sequence[str]) -> Iterator[None]:
+    """Raise the named loggers to WARNING for the duration (the ONNX optimiser logs every rewrite at INFO)."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def onnx_bytes(model: pbas.PBAS, opset: int = ONNX_OPSET) -> bytes:
+    """The inference graph of ``model`` (moved to the CPU, fp32) as a serialised ONNX model, dynamic batch axis.
+
+    Exported with the dynamo exporter: the TorchScript one cannot export adaptive_avg_pool1d here.
+    """
+    wrapper = exportable(model.cpu())
+    size = model.config.imagesize
+    example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet(ONNX_LOGGERS):
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=list(ONNX_INPUTS),
+                                    output_names=list(ONNX_OUTPUTS), dynamic_shapes=({0: batch},), opset_version=opset,
+                                    verbose=False)
+    proto = program.model_proto
+    written = {entry.domain: entry.version for entry in proto.opset_import}.get("", None)
+    if written != opset:
+        raise UserError(f"--opset {opset}: the exporter could not write this graph in that opset (got {written}); "
+                        f"use --opset {ONNX_OPSET} or newer")
+    return proto.SerializeToString()
+
+
+def onnx_difference(data: bytes, model: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """Largest |ONNX - PyTorch| of image scores and of anomaly maps on ``images`` (onnxruntime, CPU)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(list(ONNX_OUTPUTS), {ONNX_INPUTS[0]: images.numpy()})
+    with torch.no_grad():
+        want = model(images)
+    return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
+
+
+def export_onnx(checkpoint: str, output: str, opset: int | None = None) -> int:
+    """Export the checkpoint's inference graph to ``output`` (atomic write) and check it against PyTorch.
+
+    ``opset`` None: ONNX_OPSET. 0 when written, 1 when the graph disagrees with PyTorch (nothing written).
+    """
+    opset = ONNX_OPSET if opset is None else opset
+    if opset < ONNX_OPSET:
+        raise UserError(f"--opset {opset}: the exporter writes opset {ONNX_OPSET} and cannot convert this graph "
+                        f"to older opsets (no Pad adapter); use --opset {ONNX_OPSET} or newer")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise UserError(f"--opset {opset}: the installed onnx package knows opsets up to {newest}")
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder; give a file name such as model.onnx")
+    model, _ = load_model(checkpoint, torch.device("cpu"), "fp32")
+    data = onnx_bytes(model, opset)
+    size = model.config.imagesize
+    diff = onnx_difference(data, PBASInference(model).eval(), torch.randn(3, 3, size, size))
+    if max(diff) > ONNX_TOLERANCE:
+        LOG.error("the ONNX graph differs from PyTorch by %.3g (scores) / %.3g (maps); not written", *diff)
+        return 1
+    utils.save_bytes(data, output)
+    LOG.info("wrote %s (%.1f MB, opset %d): images [B, 3, %d, %d] -> image_scores [B], anomaly_maps [B, %d, %d]; "
+             "max |ONNX - PyTorch| on 3 random images: %.2g (scores), %.2g (maps)",
+             output, len(data) / 1e6, opset, size, size, size, size, *diff)
+    return 0
