@@ -356,10 +356,6 @@ def decode(item: InputImage, transform: Callable[[Image.Image], torch.Tensor]) -
     return Decoded(item, np.asarray(rgb), transform(rgb))
 
 
-def _batches(items: Sequence[InputImage], size: int) -> list[list[InputImage]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
 def _write_outputs(d: Decoded, score: float, amap: torch.Tensor, geometry: CropGeometry, thresholds: tuple[float, float],
                    output: str) -> dict:
     """Overlay and mask PNGs at the original size; the image's predictions.csv row."""
@@ -412,7 +408,7 @@ def predict(opts: PredictOptions) -> int:
 
     rows = []
     bar = utils.progress(None, "predict", total=len(items))
-    for chunk in _batches(items, opts.batch_size):
+    for chunk in pbas.batches_of(items, opts.batch_size):
         decoded = _decode_all(chunk, transform)
         if decoded:
             with torch.no_grad():

@@ -361,7 +361,6 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
 
     last_metrics, _ = final_metrics(model, test_source, test_set, last["state"])
     best_metrics, maps = final_metrics(model, test_source, test_set, best["state"])  # leaves the best state loaded
-    normal = ckpt["normal_scores"] if job.finished else pbas.normal_score_statistics(model, train_source)
     write_heatmaps(opts, job, maps)
     row = {**best_metrics, "best_epoch": best["epoch"], "last_epoch": last["epoch"],
            **{f"last_{k}": last_metrics[k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
@@ -369,7 +368,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
         utils.save_torch({
             "format": utils.CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
             "best": {**best, "metrics": best_metrics}, "last": {**last, "metrics": last_metrics},
-            "normal_scores": normal,
+            "normal_scores": pbas.normal_score_statistics(model, train_source),  # under the best state, for thresholds
             "train_seconds": train_seconds, "torch_version": str(torch.__version__),
         }, ckpt_path)
     utils.save_json(row, os.path.join(folder, "metrics.json"))
