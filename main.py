@@ -12,6 +12,7 @@ run folder (``--results_path``):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import multiprocessing
@@ -46,7 +47,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 
 
 @click.group(chain=True, context_settings=CONTEXT)
-@click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id to use (CPU when CUDA is unavailable).")
+@click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run classes in parallel, one process per GPU. "
+                   "The CPU is used when CUDA is unavailable.")
 @click.option("--seed", type=int, default=0, help="Seed for Python, NumPy and torch, set before each class.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt",
               help="ckpt: train (or reuse a finished checkpoint) then test; test: only evaluate saved checkpoints.")
@@ -293,13 +295,12 @@ def grid_positions(model: pbas.PBAS, imagesize: int, device: torch.device) -> in
     return grid[0] * grid[1]
 
 
-def load_test_set(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, device: torch.device) -> pbas.TestSet:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    labels, masks = [], []
-    for batch in loader:
-        labels.append(torch.as_tensor(batch["is_anomaly"]))
-        masks.append(batch["mask"][:, 0])
-    return pbas.TestSet(labels=torch.cat(labels).to(device), masks=torch.cat(masks).to(device))
+def load_test_set(dataset: datasets.AnomalyDataset, device: torch.device) -> pbas.TestSet:
+    """Labels and masks of the test set (masks only: the images are decoded once, by the feature source)."""
+    labels = torch.tensor([s.is_anomaly for s in dataset.samples])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        masks = torch.stack([m[0] for m in pool.map(dataset.mask, range(len(dataset)))])  # [N, S, S]
+    return pbas.TestSet(labels=labels.to(device), masks=masks.to(device))
 
 
 def write_heatmaps(opts: RunOptions, job: ClassJob, maps: torch.Tensor) -> None:
@@ -326,7 +327,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
     cache = choose_cache(opts, device, len(job.train) + len(job.test), positions)
     make_source = lambda ds: pbas.FeatureSource(model, ds, opts.config.batch_size, opts.num_workers, device, cache, utils.progress)
     train_source, test_source = make_source(job.train), make_source(job.test)
-    test_set = load_test_set(job.test, opts.config.batch_size, opts.num_workers, device)
+    test_set = load_test_set(job.test, device)
     LOG.info("%s: %d train / %d test images, feature cache: %s", job.name, len(job.train), len(job.test), cache)
 
     if not job.finished:

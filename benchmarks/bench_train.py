@@ -111,7 +111,7 @@ def measure(args, stages, train_ds, test_ds, device, cache: str, precision: str)
     model = pbas.PBAS(config, stages, precision).to(device)
     source = lambda ds: pbas.FeatureSource(model, ds, args.batch_size, args.num_workers, device, cache)
     train, test = source(train_ds), source(test_ds)
-    test_set = main.load_test_set(test_ds, args.batch_size, args.num_workers, device)
+    test_set = main.load_test_set(test_ds, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     embed_s, _ = timed(device, lambda: (train.prepare(), test.prepare()))

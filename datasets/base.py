@@ -182,11 +182,16 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def mask(self, index: int) -> torch.Tensor:
+        """The mask of sample ``index`` alone, without decoding its image: [1, S, S]."""
+        sample = self.samples[index]
+        return _apply_mask(sample.mask_path, self.transform_mask, self.imagesize, self.binarize_mask)
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         return {
             "image": _apply_image(sample.image_path, self.transform_image),  # [3, S, S]
-            "mask": _apply_mask(sample.mask_path, self.transform_mask, self.imagesize, self.binarize_mask),  # [1, S, S]
+            "mask": self.mask(index),  # [1, S, S]
             "is_anomaly": sample.is_anomaly,
             "image_path": sample.image_path,
             "defect": sample.defect,
