@@ -35,6 +35,7 @@ from utils import UserError
 LOG = logging.getLogger("pbas")
 CHECKPOINT_NAME = "checkpoint.pt"
 CACHE_MODES = ("auto", "device", "host", "off")
+PROGRESS_LINES = 20  # per class, when stderr is not a terminal (no progress bar)
 # Settings that do not change what a checkpoint contains; everything else must match to reuse one.
 RUNTIME_KEYS = ("gpu", "num_workers", "results_path", "log_group", "log_project", "run_name", "test", "cache", "datapath")
 
@@ -334,6 +335,7 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
         started = time.time()
         epoch_log = os.path.join(opts.log_dir, f"{job.name}.csv")
         log_lines = ["epoch,loss,svdd_loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc"]
+        progress_every = max(1, opts.config.meta_epochs // PROGRESS_LINES)
 
         def on_epoch(log: pbas.EpochLog) -> None:
             s = log.stats
@@ -341,6 +343,10 @@ def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device:
                                                       s["p_true"], s["p_fake"], log.image_auroc, log.pixel_auroc)))
             if log.epoch % 10 == 9 or log.epoch == opts.config.meta_epochs - 1:
                 utils.save_text("\n".join(log_lines) + "\n", epoch_log)
+            if not sys.stderr.isatty() and (log.epoch + 1) % progress_every == 0:  # no progress bar: a line now and then
+                LOG.info("%s: epoch %d/%d, loss %.4f, p_true %.2f, p_fake %.2f, I-AUROC %.2f, P-AUROC %.2f",
+                         job.name, log.epoch + 1, opts.config.meta_epochs, s["loss"], s["p_true"], s["p_fake"],
+                         100 * log.image_auroc, 100 * log.pixel_auroc)
 
         def on_best(epoch: int, state: dict, metrics: dict) -> None:
             utils.save_torch({"format": utils.CHECKPOINT_FORMAT, "complete": False, "config": job.config,
@@ -582,8 +588,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted: finished classes and the best checkpoint so far are kept", file=sys.stderr)
         return 130
     except SystemExit as exc:
         return int(exc.code or 0)
