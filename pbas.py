@@ -410,15 +410,14 @@ def predict(model: PBAS, source: FeatureSource) -> tuple[torch.Tensor, torch.Ten
 def evaluate(model: PBAS, source: FeatureSource, test: TestSet, full: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Metrics on the test set: I-AUROC and P-AUROC per epoch; everything (AP, PRO, AUPRO) when ``full``."""
     scores, maps = predict(model, source)
-    result = {"image_auroc": _auroc_or_nan(scores, test.labels)}
-    result["pixel_auroc"] = _auroc_or_nan(maps.flatten(), metrics.pixel_ground_truth(test.masks).flatten())
-    if full:
-        result.update(metrics.image_metrics(scores, test.labels))
-        result.update(metrics.pixel_metrics(maps, test.masks, with_pro=True))
-        try:
-            result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
-        except metrics.UndefinedMetricError:
-            result["image_f1_threshold"], result["image_f1"] = math.nan, math.nan
+    if not full:
+        return {"image_auroc": _auroc_or_nan(scores, test.labels),
+                "pixel_auroc": _auroc_or_nan(maps.flatten(), metrics.pixel_ground_truth(test.masks).flatten())}, scores, maps
+    result = {**metrics.image_metrics(scores, test.labels), **metrics.pixel_metrics(maps, test.masks, with_pro=True)}
+    try:
+        result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
+    except metrics.UndefinedMetricError:
+        result["image_f1_threshold"], result["image_f1"] = math.nan, math.nan
     return result, scores, maps
 
 
@@ -433,10 +432,10 @@ def batch_means(model: PBAS, source: FeatureSource, order: Sequence[int]) -> Ite
 
 def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """AUROC, or NaN when the labels hold a single class (e.g. a test set without defect pixels)."""
-    labels = labels.bool()
-    if labels.all() or not labels.any():
+    try:
+        return metrics.auroc(scores, labels)
+    except metrics.UndefinedMetricError:
         return math.nan
-    return metrics.auroc(scores, labels)
 
 
 PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal training pixel scores
