@@ -433,28 +433,33 @@ def run_parallel(opts: RunOptions, jobs: list[ClassJob], report) -> None:
     for index in range(len(jobs)):
         tasks.put(index)
     threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
-    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads), daemon=True) for gpu in opts.gpu]
-    for w in workers:
-        w.start()
+    # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
+    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads)) for gpu in opts.gpu]
     started: set[int] = set()
     finished: set[int] = set()
-    while len(finished) < len(jobs):
-        try:
-            kind, index, row, error = results.get(timeout=1.0)
-        except queue.Empty:
-            if not any(w.is_alive() for w in workers):
-                break
-            continue
-        if kind == "start":
-            started.add(index)
-        else:
-            finished.add(index)
-            report(jobs[index].name, row, error)
+    try:
+        for w in workers:
+            w.start()
+        while len(finished) < len(jobs):
+            try:
+                kind, index, row, error = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers):
+                    break
+                continue
+            if kind == "start":
+                started.add(index)
+            else:
+                finished.add(index)
+                report(jobs[index].name, row, error)
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():  # interrupted, or stuck: do not leave it running
+                w.terminate()
     for index in range(len(jobs)):  # classes lost with a crashed worker, or never started
         if index not in finished:
             report(jobs[index].name, None, "its worker process ended without a result" if index in started else "not run")
-    for w in workers:
-        w.join(timeout=10)
 
 
 def run(opts: RunOptions) -> list[str]:

@@ -230,7 +230,9 @@ def test_error_bad_option_value_is_one_line(mvtec_root: Path, tmp_path: Path, ca
 def test_two_worker_processes_give_a_whole_table_in_class_order(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
     """--gpu 0 --gpu 1 runs one process per id (CPU processes here); results.csv comes out whole, in class order,
     with the same metrics as the single-process run."""
-    code = run_cli(tmp_path, "-d", "texture", "-d", "object", "mvtec", str(mvtec_root), glob=("--gpu", "0", "--gpu", "1"))
+    code = main.cli(["--seed", "0", "--results_path", str(tmp_path), "--gpu", "0", "--gpu", "1", *NET, *DATA[:-2],
+                     "--num_workers", "1",  # each worker process starts a data-loading process of its own
+                     "-d", "texture", "-d", "object", "mvtec", str(mvtec_root)])
     assert code == 0
     parallel, single = read_results(tmp_path / "results.csv"), read_results(mvtec_run / "results.csv")
     assert list(parallel) == ["mvtec_texture", "mvtec_object", "Mean"]
