@@ -36,8 +36,6 @@ LOG = logging.getLogger("pbas")
 CHECKPOINT_NAME = "checkpoint.pt"
 CACHE_MODES = ("auto", "device", "host", "off")
 PROGRESS_LINES = 20  # per class, when stderr is not a terminal (no progress bar)
-# Settings that do not change what a checkpoint contains; everything else must match to reuse one.
-RUNTIME_KEYS = ("gpu", "num_workers", "results_path", "log_group", "log_project", "run_name", "test", "cache", "datapath")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,11 +225,13 @@ def class_dir(opts: RunOptions, name: str) -> str:
 
 
 def config_difference(saved: dict, wanted: dict) -> str | None:
-    """A short description of the first setting that differs, or None when the configurations agree."""
+    """The first setting of the class configurations (``RunOptions.class_config``) that differs, or None.
+
+    Device settings (gpu, num_workers, cache, paths) are not part of that configuration: they may change."""
     flat_saved = {**saved, **saved.get("net", {})}
     flat_wanted = {**wanted, **wanted.get("net", {})}
     for key in sorted(set(flat_saved) | set(flat_wanted)):
-        if key == "net" or key in RUNTIME_KEYS:
+        if key == "net":
             continue
         if flat_saved.get(key) != flat_wanted.get(key):
             return f"{key}={flat_saved.get(key)!r} in the checkpoint, {flat_wanted.get(key)!r} now"

@@ -70,7 +70,7 @@ def save_torch(obj, path: str) -> None:
 
 
 def save_text(text: str, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    save_bytes(text.encode(), path)
 
 
 def save_bytes(data: bytes, path: str) -> None:
@@ -85,7 +85,7 @@ def save_png(image: np.ndarray | Image.Image, path: str) -> None:
     img = image if isinstance(image, Image.Image) else Image.fromarray(image)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    save_bytes(buf.getvalue(), path)
 
 
 def _json_default(value):
