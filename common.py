@@ -7,9 +7,19 @@ Data flow for one batch of images:
          aligned to the first layer's grid, stacked and pooled again to ``target_dim``
       -> [B*H*W, target_dim] patch features, row-major over the first layer's grid.
 
+It also holds what both methods (``pbas.py``, ``cras.py``) are built from:
+    Embedder                      FeatureExtractor + PatchEmbedder: images -> patch features
+    Projection, Discriminator     the projector P and the MLP discriminator D (release key names)
+    autocast                      the one place where reduced precision is switched on
+    Method                        the interface a method implements for the engine, with the shared parts
+
 Nothing in this module does I/O.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +28,8 @@ from backbones import Stages
 
 SMOOTHING_SIGMA = 4.0  # Gaussian smoothing of the anomaly maps (Eq. 12)
 SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
+LEAKY_RELU_SLOPE = 0.2  # discriminator activations (both releases)
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -146,3 +158,210 @@ def anomaly_maps(patch_scores: torch.Tensor, image_size: int, sigma: float = SMO
     """
     up = F.interpolate(patch_scores.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
     return gaussian_blur(up.squeeze(1), sigma=sigma)
+
+
+# ----------------------------------------------------------------------------------------------
+# numerics: reduced precision only where it is safe
+# ----------------------------------------------------------------------------------------------
+
+
+def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when ``precision == 'bf16'``, else a no-op.
+
+    Used around the backbone and the Linear layers only: center search, anomaly synthesis, the
+    sigmoid, the losses, center initialisation and every metric run in float32 (callers cast back
+    with ``.float()`` right after the autocast block).
+    """
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Embedder(torch.nn.Module):
+    """E_phi: the frozen backbone stages and the patch aggregation. [B, 3, S, S] -> ([B*H*W, D], (H, W))."""
+
+    def __init__(self, stages: Stages, layers: tuple[str, ...], patchsize: int, pretrain_dim: int, target_dim: int):
+        super().__init__()
+        self.extractor = FeatureExtractor(stages, layers)
+        self.patches = PatchEmbedder(patchsize, pretrain_dim, target_dim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self.patches(self.extractor(images))
+
+
+# ----------------------------------------------------------------------------------------------
+# P and D (module and parameter names follow the releases, so their state dicts load unchanged)
+# ----------------------------------------------------------------------------------------------
+
+
+def _xavier_linears(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.nn.Linear):
+        torch.nn.init.xavier_normal_(module.weight)
+
+
+class Projection(torch.nn.Module):
+    """P_theta: ``n_layers`` Linear(D, D) layers with bias, no activation; xavier-normal weights. [N, D] -> [N, D]."""
+
+    def __init__(self, dim: int, n_layers: int = 1):
+        super().__init__()
+        self.layers = torch.nn.Sequential()
+        for i in range(n_layers):
+            self.layers.add_module(f"{i}fc", torch.nn.Linear(dim, dim))
+        self.apply(_xavier_linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Discriminator(torch.nn.Module):
+    """D_psi: one [Linear -> BatchNorm1d -> LeakyReLU(0.2)] block per hidden width, then Linear(last, 1, no bias).
+
+    ``logits`` is the pre-sigmoid score (run it under autocast); ``forward`` applies the sigmoid in float32.
+    [N, in_dim] -> [N, 1]
+    """
+
+    def __init__(self, in_dim: int, hidden: Iterable[int]):
+        super().__init__()
+        self.body = torch.nn.Sequential()
+        width = in_dim
+        for i, out in enumerate(hidden):
+            block = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.BatchNorm1d(out),
+                                        torch.nn.LeakyReLU(LEAKY_RELU_SLOPE))
+            self.body.add_module(f"block{i + 1}", block)
+            width = out
+        self.tail = torch.nn.Sequential(torch.nn.Linear(width, 1, bias=False))
+        self.apply(_xavier_linears)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x).float())
+
+
+def cosine_argmax(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Index of each row's most cosine-similar bank row, per batch element, in float32.
+
+    x [..., N, D], bank [..., M, D] -> [..., N] int64
+    """
+    sim = F.normalize(x.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).transpose(-1, -2)  # [..., N, M]
+    return sim.argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the method interface
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has (the engine reads these); a method's config adds its own."""
+
+    backbone: str = "wideresnet50"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrain_embed_dimension: int = 1536
+    target_embed_dimension: int = 1536
+    patchsize: int = 3
+    meta_epochs: int = 640
+    eval_epochs: int = 1
+    pre_proj: int = 1
+    lr: float = 1e-4
+    k: float = 0.25
+    train_backbone: bool = False
+    limit: int = -1  # an epoch ends after the first batch that takes the sample count above this (-1: no limit)
+    imagesize: int = 288
+    batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        if "layers" in values:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+
+StepStats = dict[str, torch.Tensor]
+
+
+class Method(torch.nn.Module):
+    """What the engine needs from a method: centers, the loss of one batch, patch scores, its state.
+
+    A method owns P (``projector``), D (``discriminator``) and its center buffer ``center``. Everything
+    else (features, batches, optimisation loop, evaluation, selection, checkpoints) is the engine's.
+    Subclasses set ``name`` (stored in checkpoints), ``Config``, ``class_resize_rule`` (whether the
+    MVTec toothbrush/wood resize rule of the PBAS release applies) and implement the four methods below.
+    ``center`` is [H*W, D] (one bank) or [C, H*W, D] (one per class); it is saved with every checkpoint.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    class_resize_rule: ClassVar[bool] = False
+    needs_center_to_score: ClassVar[bool] = False  # released weights without center.pth can still be scored
+    projector: torch.nn.Module
+    discriminator: Discriminator
+    center: torch.Tensor
+
+    def __init__(self, config: MethodConfig, num_classes: int, precision: str = "fp32"):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.precision = precision
+
+    # -- to implement ---------------------------------------------------------------------------
+    def initialize(self, class_batches: Callable[[int], Iterable[torch.Tensor]], positions: int) -> None:
+        """Set ``center`` from the untrained projector; ``class_batches(c)`` yields class c's training
+        features [b*positions, D], batch by batch, in the initialisation pass's shuffled order."""
+        raise NotImplementedError
+
+    def make_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Fresh optimizers of P and D (the engine adds the backbone's when it is trained)."""
+        raise NotImplementedError
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor, positions: int,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
+        """Training loss of one batch (train mode): features [B*positions, D], class index per image [B].
+
+        Returns the loss and 0-dim statistics (no synchronisation); ``noise`` overrides a method's own draw.
+        """
+        raise NotImplementedError
+
+    def patch_scores(self, feats: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode patch scores [B, H, W] of features [B*H*W, D], and the class index used per image [B]."""
+        raise NotImplementedError
+
+    def seed_streams(self, seed: int, device: torch.device) -> None:
+        """Seed the method's own random streams (called once before training; none by default)."""
+
+    # -- shared ---------------------------------------------------------------------------------
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """P(e) with the configured precision, returned in float32: [N, D] -> [N, D]."""
+        with autocast(self.precision, feats.device.type):
+            return self.projector(feats).float()
+
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        """D(x): Linear layers in the configured precision, sigmoid in float32. [N, in] -> [N, 1]."""
+        with autocast(self.precision, x.device.type):
+            logits = self.discriminator.logits(x)
+        return torch.sigmoid(logits.float())
+
+    @torch.no_grad()
+    def score(self, feats: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image scores (max over patches) [B], anomaly maps (upsampled, smoothed) [B, S, S], class per image [B]."""
+        self.eval()
+        s, classes = self.patch_scores(feats, grid)
+        return s.flatten(1).max(dim=1).values, anomaly_maps(s, self.config.imagesize, SMOOTHING_SIGMA), classes
+
+    def trained_state(self) -> dict:
+        """CPU copies of the trainable state: projector and discriminator (BatchNorm buffers included)."""
+        state = {"projector": self.projector.state_dict(), "discriminator": self.discriminator.state_dict()}
+        return {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in state.items()}
+
+    def load_trained_state(self, state: dict) -> None:
+        self.projector.load_state_dict(state["projector"])
+        self.discriminator.load_state_dict(state["discriminator"])

@@ -1,15 +1,19 @@
-"""Use a trained PBAS checkpoint: load it, score new images of any size, thresholds, ONNX export.
+"""Use a trained checkpoint (PBAS or CRAS): load it, score new images of any size, thresholds, ONNX export.
 
 Reading order:
-    load_model, read_checkpoint    a checkpoint written by main.py -> a PBAS model in eval mode (one-line errors)
-    PBASInference                  nn.Module: normalised images [B, 3, S, S] -> (image_scores [B], anomaly_maps [B, S, S])
+    load_model, read_checkpoint    a checkpoint written by main.py -> the method in eval mode (one-line errors)
+    InferenceGraph                 nn.Module: normalised images [B, 3, S, S] -> (image_scores [B], anomaly_maps [B, S, S])
     auto_thresholds                the default thresholds, from the normal training images (no labelled defects)
     CropGeometry, to_original      where the S x S network input lies in the original image; maps back to it
     predict                        the ``main.py predict`` tool: files -> predictions.csv, overlays, masks
     export_onnx                    the ``main.py export`` tool: the inference graph as ONNX
 
+CRAS checkpoints are scored with the per-image class vote (each image's own nearest class bank), so a
+batch of unrelated images never changes one image's score; the class found is reported per image and
+its thresholds are used.
+
 Thresholds (``--threshold auto`` / ``--pixel_threshold auto``), from the checkpoint's ``normal_scores``,
-the scores of the normal TRAINING images under the selected (best) state:
+the scores of each class's normal TRAINING images under the selected (best) state:
     image threshold = the largest normal training image score: every normal training image scores at
         or below it, so it is the lowest threshold under which the model calls none of them anomalous;
     pixel threshold = the 0.999 quantile of all normal training anomaly-map pixels (about one normal
@@ -43,8 +47,9 @@ from tqdm import tqdm
 
 import backbones
 import datasets
-import pbas
+import engine
 import utils
+from common import PRECISIONS, Embedder, Method, autocast
 from datasets.base import IMAGE_EXTENSIONS, IMAGE_READ_ERRORS
 from utils import UserError
 
@@ -52,13 +57,14 @@ LOG = logging.getLogger("pbas")
 NORMAL_PIXEL_QUANTILE = 0.999  # pixel threshold: this quantile of the normal training pixel scores
 OVERLAY_ALPHA = 0.5  # weight of the jet colours in the overlay PNGs
 PREDICTIONS_NAME = "predictions.csv"
-PREDICTION_COLUMNS = ("path", "image_score", "decision", "image_threshold", "pixel_threshold", "overlay", "mask")
+PREDICTION_COLUMNS = ("path", "class", "image_score", "decision", "image_threshold", "pixel_threshold", "overlay", "mask")
 ANOMALOUS, NORMAL = "anomalous", "normal"
 ONNX_OPSET = 18  # the opset the dynamo exporter writes natively
 ONNX_INPUTS = ("images",)
 ONNX_OUTPUTS = ("image_scores", "anomaly_maps")
 ONNX_LOGGERS = ("onnxscript", "onnx_ir")  # quieted to WARNING while exporting
 ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted by the export check
+PER_IMAGE_VOTE = "image"  # CRAS's class_vote for predict and export
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,57 +72,66 @@ ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted by the export check
 # ----------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str) -> dict:
-    """A complete checkpoint written by ``main.py``; a one-line UserError for anything else."""
-    ckpt = utils.load_checkpoint(path)
+def read_checkpoint(path: str, methods: dict[str, type[Method]]) -> dict:
+    """A complete checkpoint written by ``main.py`` of one of ``methods``; a one-line UserError for anything else."""
+    ckpt = engine.read_checkpoint(path, next(iter(methods)) if len(methods) == 1 else None)
+    if ckpt["method"] not in methods:
+        raise UserError(f"{path}: unknown method '{ckpt['method']}'; this version knows {', '.join(methods)}")
     config = ckpt["config"]
-    if not isinstance(config, dict) or not isinstance(config.get("net"), dict) or not isinstance(config.get("resize"), int):
-        raise UserError(f"{path} is not a PBAS checkpoint: its configuration lacks 'net' or 'resize'")
+    if not isinstance(config.get("resize"), int) or not isinstance(ckpt.get("classes"), list):
+        raise UserError(f"{path} is not a complete checkpoint: its configuration lacks 'resize' or its class list")
     if not ckpt.get("complete"):
         raise UserError(f"{path} is from an unfinished training run; finish training it first (main.py --test ckpt ...)")
     missing = [key for key in ("center", "best") if key not in ckpt]
     if missing or not isinstance(ckpt["best"], dict) or "state" not in ckpt["best"]:
-        raise UserError(f"{path} is not a complete PBAS checkpoint (missing {', '.join(missing) or 'best state'})")
+        raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing) or 'best state'})")
     return ckpt
 
 
-def _config_of(ckpt: dict, path: str) -> pbas.PBASConfig:
+def _config_of(ckpt: dict, method: type[Method], path: str):
     """The stored network configuration; a UserError when it cannot be read."""
     try:
-        return pbas.PBASConfig.from_dict(ckpt["config"]["net"])
+        return method.Config.from_dict(ckpt["config"]["net"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"{path}: unreadable network configuration ({exc})") from exc
 
 
-def _restore_state(model: pbas.PBAS, ckpt: dict, path: str) -> None:
-    """Load the center and the best trained state; a one-line UserError when they do not fit the configuration."""
-    center = ckpt["center"]
-    dim = model.config.target_embed_dimension
-    try:
-        if not isinstance(center, torch.Tensor) or center.dim() != 2 or center.shape[1] != dim:
-            raise ValueError(f"center {tuple(getattr(center, 'shape', ()))}, expected [positions, {dim}]")
-        model.load_trained_state(ckpt["best"]["state"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
-        raise UserError(f"checkpoint {path} does not match its configuration ({reason})") from exc
-    model.center = center.float()
+@dataclass
+class LoadedModel:
+    """A checkpoint's method (best state, eval mode) with its encoder, classes and configuration."""
+
+    encoder: engine.Encoder
+    method: Method
+    classes: list[str]  # results.csv row name of each class bank, e.g. mvtec_carpet
+    resize: int
+
+    def graph(self) -> "InferenceGraph":
+        return InferenceGraph(self.encoder.embedder, self.method, self.encoder.precision)
 
 
-def load_model(path: str, device: torch.device, precision: str = "fp32") -> tuple[pbas.PBAS, dict]:
-    """A checkpoint -> (PBAS with its best state, in eval mode on ``device``; the checkpoint dict).
+def load_model(path: str, device: torch.device, methods: dict[str, type[Method]], precision: str = "fp32"
+               ) -> tuple[LoadedModel, dict]:
+    """A checkpoint -> (its model with the best state, in eval mode on ``device``; the checkpoint dict).
 
-    Builds the backbone with its pretrained weights (BackboneError when they are missing).
+    Builds the backbone with its pretrained weights (BackboneError when they are missing). CRAS models
+    use the per-image class vote.
     """
-    if precision not in pbas.PRECISIONS:
-        raise UserError(f"unknown precision '{precision}'; valid: {', '.join(pbas.PRECISIONS)}")
-    ckpt = read_checkpoint(path)
-    config = _config_of(ckpt, path)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+    ckpt = read_checkpoint(path, methods)
+    method_cls = methods[ckpt["method"]]
+    config = _config_of(ckpt, method_cls, path)
+    if hasattr(config, "class_vote"):
+        config.class_vote = PER_IMAGE_VOTE
     _, stages = backbones.load_backbone(config.backbone)
     backbones.check_layers(config.backbone, config.layers, stages)
-    model = pbas.PBAS(config, stages, precision)
-    _restore_state(model, ckpt, path)
-    return model.to(device).eval(), ckpt
+    embedder = Embedder(stages, config.layers, config.patchsize, config.pretrain_embed_dimension,
+                        config.target_embed_dimension)
+    encoder = engine.Encoder(embedder.to(device), precision, config.train_backbone)
+    method = method_cls(config, len(ckpt["classes"]), precision).to(device)
+    engine.restore(method, encoder, ckpt["best"]["state"], ckpt["center"], f"checkpoint {path}")
+    method.eval()
+    return LoadedModel(encoder, method, list(ckpt["classes"]), ckpt["config"]["resize"]), ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,26 +139,42 @@ def load_model(path: str, device: torch.device, precision: str = "fp32") -> tupl
 # ----------------------------------------------------------------------------------------------
 
 
-class PBASInference(torch.nn.Module):
-    """The scoring path of ``pbas.predict`` from images: embed, project, discriminate, upsample, smooth.
+class InferenceGraph(torch.nn.Module):
+    """The scoring path of evaluation from images: embed, then the method's scores, upsampling, smoothing.
 
-    images [B, 3, S, S] (normalised) -> (image_scores [B], anomaly_maps [B, S, S]), float32.
+    images [B, 3, S, S] (normalised) -> (image_scores [B], anomaly_maps [B, S, S], class per image [B]).
     """
 
-    def __init__(self, model: pbas.PBAS):
+    def __init__(self, embedder: Embedder, method: Method, precision: str = "fp32"):
         super().__init__()
-        self.model = model
+        self.embedder = embedder
+        self.method = method
+        self.precision = precision
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(self.precision, images.device.type):
+            feats, grid = self.embedder(images)  # [B*H*W, D], (H, W)
+        return self.method.score(feats.float(), grid)
+
+
+class ExportGraph(torch.nn.Module):
+    """The fp32 graph that is exported: (image_scores, anomaly_maps) only."""
+
+    def __init__(self, scoring: InferenceGraph):
+        super().__init__()
+        self.scoring = scoring  # not 'graph': torch.fx reserves that attribute name
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, grid = self.model.embed(images)  # [B*H*W, D], (H, W)
-        return self.model.score(feats, grid)
+        scores, maps, _ = self.scoring(images)
+        return scores, maps
 
 
-def exportable(model: pbas.PBAS) -> PBASInference:
-    """The inference wrapper around an fp32 copy of ``model``."""
-    clone = copy.deepcopy(model)
-    clone.precision = "fp32"
-    return PBASInference(clone).eval()
+def exportable(model: LoadedModel) -> ExportGraph:
+    """The export wrapper around an fp32 CPU copy of the model."""
+    graph = copy.deepcopy(model.graph()).cpu()
+    graph.precision = "fp32"
+    graph.method.precision = "fp32"
+    return ExportGraph(graph).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,16 +208,22 @@ def auto_thresholds(normal: dict) -> tuple[float, float]:
     return image, float(np.interp(NORMAL_PIXEL_QUANTILE, levels, quantiles))
 
 
-def resolve_thresholds(ckpt: dict, image: float | None, pixel: float | None, path: str) -> tuple[float, float]:
-    """Given thresholds override the automatic ones; 'auto' needs the checkpoint's normal training scores."""
+def resolve_thresholds(ckpt: dict, image: float | None, pixel: float | None, path: str) -> dict[str, tuple[float, float]]:
+    """(image, pixel) thresholds of each class of the checkpoint. Given numbers override the automatic ones;
+    'auto' needs the checkpoint's normal training scores of each class."""
+    classes = ckpt["classes"]
     if image is not None and pixel is not None:
-        return image, pixel
+        return {name: (image, pixel) for name in classes}
     normal = ckpt.get("normal_scores")
-    if not isinstance(normal, dict) or not {"image_scores", "pixel_quantiles", "quantile_levels"} <= set(normal):
-        raise UserError(f"{path} stores no normal training scores (an older checkpoint); "
+    keys = {"image_scores", "pixel_quantiles", "quantile_levels"}
+    if not isinstance(normal, dict) or not all(isinstance(normal.get(n), dict) and keys <= set(normal[n]) for n in classes):
+        raise UserError(f"{path} stores no normal training scores of its classes; "
                         "give --threshold and --pixel_threshold as numbers, or train it again")
-    auto_image, auto_pixel = auto_thresholds(normal)
-    return (auto_image if image is None else image), (auto_pixel if pixel is None else pixel)
+    out = {}
+    for name in classes:
+        auto_image, auto_pixel = auto_thresholds(normal[name])
+        out[name] = (auto_image if image is None else image), (auto_pixel if pixel is None else pixel)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,14 +393,14 @@ def decode(item: InputImage, transform: Callable[[Image.Image], torch.Tensor]) -
     return Decoded(item, np.asarray(rgb), transform(rgb))
 
 
-def _write_outputs(d: Decoded, score: float, amap: torch.Tensor, geometry: CropGeometry, thresholds: tuple[float, float],
-                   output: str) -> dict:
+def _write_outputs(d: Decoded, classname: str, score: float, amap: torch.Tensor, geometry: CropGeometry,
+                   thresholds: tuple[float, float], output: str) -> dict:
     """Overlay and mask PNGs at the original size; the image's predictions.csv row."""
     scores, inside = to_original(amap, geometry)
     overlay_name, mask_name = f"{d.item.name}_overlay.png", f"{d.item.name}_mask.png"
     utils.save_png(overlay(d.rgb, scores, inside), os.path.join(output, overlay_name))
     utils.save_png(binary_mask(scores, inside, thresholds[1]), os.path.join(output, mask_name))  # [H, W] uint8: mode L
-    return {"path": d.item.path, "image_score": repr(score), "decision": ANOMALOUS if score > thresholds[0] else NORMAL,
+    return {"path": d.item.path, "class": classname, "image_score": repr(score), "decision": ANOMALOUS if score > thresholds[0] else NORMAL,
             "image_threshold": repr(thresholds[0]), "pixel_threshold": repr(thresholds[1]),
             "overlay": overlay_name, "mask": mask_name}
 
@@ -387,10 +424,11 @@ def _decode_all(chunk: list[InputImage], transform: Callable[[Image.Image], torc
     return decoded
 
 
-def predict(opts: PredictOptions) -> int:
+def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     """Score every input image; write OUTPUT/predictions.csv, overlays and masks. 0: all scored, 1: some skipped.
 
-    Thresholds: see the module docstring (auto: max normal training image score; 0.999 pixel quantile).
+    Thresholds: see the module docstring (auto: max normal training image score; 0.999 pixel quantile),
+    those of the class each image is assigned to (CRAS: its nearest class bank).
     """
     if opts.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
@@ -399,23 +437,26 @@ def predict(opts: PredictOptions) -> int:
     items = collect_inputs(opts.inputs)
     device = utils.pick_device(opts.gpu)
     utils.configure_precision(opts.precision)
-    model, ckpt = load_model(opts.checkpoint, device, opts.precision)
+    model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
     thresholds = resolve_thresholds(ckpt, opts.threshold, opts.pixel_threshold, opts.checkpoint)
-    resize, size = ckpt["config"]["resize"], model.config.imagesize
+    resize, size = model.resize, model.method.config.imagesize
     transform = datasets.image_transform(resize, size)
-    infer = PBASInference(model)
-    LOG.info("%d image(s); image threshold %.6g, pixel threshold %.6g; %s", len(items), *thresholds, device)
+    infer = model.graph().eval()
+    for name, (image_t, pixel_t) in thresholds.items():
+        LOG.info("%s: image threshold %.6g, pixel threshold %.6g", name, image_t, pixel_t)
+    LOG.info("%d image(s); %s", len(items), device)
 
     rows = []
     bar = utils.progress(None, "predict", total=len(items))
-    for chunk in pbas.batches_of(items, opts.batch_size):
+    for chunk in engine.batches_of(items, opts.batch_size):
         decoded = _decode_all(chunk, transform)
         if decoded:
             with torch.no_grad():
-                scores, maps = infer(torch.stack([d.tensor for d in decoded]).to(device))  # [b], [b, S, S]
-            for d, score, amap in zip(decoded, scores.tolist(), maps.cpu(), strict=True):
+                scores, maps, classes = infer(torch.stack([d.tensor for d in decoded]).to(device))  # [b], [b, S, S], [b]
+            for d, score, amap, c in zip(decoded, scores.tolist(), maps.cpu(), classes.tolist(), strict=True):
                 geometry = CropGeometry.of(d.rgb.shape[1], d.rgb.shape[0], resize, size)
-                rows.append(_write_outputs(d, score, amap, geometry, thresholds, opts.output))
+                name = model.classes[c]
+                rows.append(_write_outputs(d, name, score, amap, geometry, thresholds[name], opts.output))
         bar.update(len(chunk))
     bar.close()
     utils.save_text(predictions_csv(rows), os.path.join(opts.output, PREDICTIONS_NAME))
@@ -444,13 +485,13 @@ def _quiet(loggers: Sequence[str]) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def onnx_bytes(model: pbas.PBAS, opset: int = ONNX_OPSET) -> bytes:
-    """The inference graph of ``model`` (moved to the CPU, fp32) as a serialised ONNX model, dynamic batch axis.
+def onnx_bytes(model: LoadedModel, opset: int = ONNX_OPSET) -> bytes:
+    """The inference graph of ``model`` (a CPU fp32 copy) as a serialised ONNX model, dynamic batch axis.
 
     Exported with the dynamo exporter: the TorchScript one cannot export adaptive_avg_pool1d here.
     """
-    wrapper = exportable(model.cpu())
-    size = model.config.imagesize
+    wrapper = exportable(model)
+    size = model.method.config.imagesize
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1)
     with _quiet(ONNX_LOGGERS):
@@ -476,7 +517,7 @@ def onnx_difference(data: bytes, model: torch.nn.Module, images: torch.Tensor) -
     return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
 
 
-def export_onnx(checkpoint: str, output: str, opset: int | None = None) -> int:
+def export_onnx(checkpoint: str, output: str, methods: dict[str, type[Method]], opset: int | None = None) -> int:
     """Export the checkpoint's inference graph to ``output`` (atomic write) and check it against PyTorch.
 
     ``opset`` None: ONNX_OPSET. 0 when written, 1 when the graph disagrees with PyTorch (nothing written).
@@ -490,10 +531,10 @@ def export_onnx(checkpoint: str, output: str, opset: int | None = None) -> int:
         raise UserError(f"--opset {opset}: the installed onnx package knows opsets up to {newest}")
     if os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; give a file name such as model.onnx")
-    model, _ = load_model(checkpoint, torch.device("cpu"), "fp32")
+    model, _ = load_model(checkpoint, torch.device("cpu"), methods, "fp32")
     data = onnx_bytes(model, opset)
-    size = model.config.imagesize
-    diff = onnx_difference(data, PBASInference(model).eval(), torch.randn(3, 3, size, size))
+    size = model.method.config.imagesize
+    diff = onnx_difference(data, ExportGraph(model.graph()).eval(), torch.randn(3, 3, size, size))
     if max(diff) > ONNX_TOLERANCE:
         LOG.error("the ONNX graph differs from PyTorch by %.3g (scores) / %.3g (maps); not written", *diff)
         return 1

@@ -1,41 +1,64 @@
-"""PBAS command line: ``main.py [global options] net [options] dataset [options] NAME DATAPATH``.
+"""Command line: ``main.py [global options] net [options] dataset [options] NAME DATAPATH``.
 
-The command line of the authors' release is accepted as it is (see README). This module owns the
-run folder (``--results_path``):
+The command lines of the authors' PBAS and CRAS releases are accepted as they are (``--method cras``
+added for CRAS; see README). This module owns the run folder (``--results_path``):
 
-    results.csv                          per class + Mean: the release's columns, then last-epoch and AUPRO
-    config.json                          the resolved configuration of the run
-    models/DATASET_CLASS/checkpoint.pt   self-describing checkpoint (config, center, best and last states, metrics)
-    models/DATASET_CLASS/metrics.json    the class's row of results.csv
-    heatmaps/DATASET_CLASS/*.png         [image | ground truth | scores] of the final evaluation
-    logs/PROJECT/GROUP/RUN/DATASET_CLASS.csv   per-epoch losses and test metrics
+    results.csv                                  per class + Mean: the release's columns, last epoch, AUPRO, thresholds
+    config.json                                  the resolved configuration of the run
+    models/METHOD/JOB/checkpoint.pt              self-describing checkpoint (method, config, centers, best/last states, metrics)
+    models/METHOD/JOB/metrics.json               the job's rows of results.csv
+    models/METHOD/JOB/heatmaps/DATASET_CLASS/    [image | ground truth | scores] of the final evaluation
+    logs/PROJECT/GROUP/RUN/METHOD_JOB.csv        per-epoch losses and test metrics
+
+JOB is DATASET_CLASS for a model of one class (PBAS, CRAS --setting single) and DATASET_dataset for
+CRAS's one model of all requested classes (--setting multi), as the releases name their folders.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import math
 import multiprocessing
 import os
 import queue
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 
 import click
 import torch
+from click.core import ParameterSource
 
 import backbones
+import cras
 import datasets
+import engine
 import pbas
 import utils
+from common import PRECISIONS, Embedder, Method
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
-CHECKPOINT_NAME = "checkpoint.pt"
-CACHE_MODES = ("auto", "device", "host", "off")
-PROGRESS_LINES = 20  # per class, when stderr is not a terminal (no progress bar)
+METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}
+SETTINGS = ("multi", "single")
+RESIZE_DEFAULTS = {"pbas": 288, "cras": 329}  # the releases' --resize (CRAS center-crops 288 from 329 for every class)
+CRAS_SINGLE_BATCH_SIZE = 8  # CRAS scripts: 32 for the multi-class setting, 8 for single
+
+# Options one method does not have: given with the other method, they stop the run with this reason.
+NOT_FOR = {
+    "cras": {
+        "dsc_hidden": "CRAS's discriminator halves its width at every layer (3072 -> 1536 -> 768 -> 1 at D = 1536)",
+        "dsc_margin": "CRAS logs p_true/p_fake at the fixed threshold 0.5",
+        "center_metric": "CRAS searches centers by cosine similarity only",
+        "dsc_optimizer": "CRAS trains D with Adam (weight decay 1e-5) as released",
+        "train_backbone": "the CRAS release creates a backbone optimizer but never steps it, so the backbone stays frozen",
+    },
+    "pbas": {
+        "noise": "PBAS synthesises anomalies deterministically along the center direction (--k)",
+        "limit": "PBAS always trains on the whole training set each epoch",
+        "class_vote": "PBAS trains one model per class and scores without class banks",
+        "noise_device": "PBAS draws no noise",
+        "setting": "PBAS trains one model per class (CRAS has --setting multi|single)",
+    },
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,25 +68,57 @@ PROGRESS_LINES = 20  # per class, when stderr is not a terminal (no progress bar
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
 
 
+def both(option: str, cras_value: object = None) -> str:
+    """'--help' default text: PBAS's and CRAS's default of a method-dependent option."""
+    values = {}
+    for name, method in METHODS.items():
+        if option in NOT_FOR[name]:
+            values[name] = "-"
+        elif option == "resize":
+            values[name] = RESIZE_DEFAULTS[name]
+        elif option == "setting":
+            values[name] = "multi"
+        else:
+            values[name] = getattr(method.Config(), option)
+    if option == "batch_size":
+        values["cras"] = f"{values['cras']} multi, {CRAS_SINGLE_BATCH_SIZE} single"
+    return f"pbas: {values['pbas']}; cras: {values['cras']}"
+
+
+def given_options(ctx: click.Context, options: dict) -> dict:
+    """The options the user gave (not their defaults) -> their values."""
+    return {k: v for k, v in options.items() if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
+                                                                                  ParameterSource.ENVIRONMENT)}
+
+
 @click.group(chain=True, context_settings=CONTEXT)
-@click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run classes in parallel, one process per GPU. "
+@click.option("--method", type=click.Choice(list(METHODS)), default="pbas",
+              help="pbas: PBAS (TCSVT 2025), one model per class; cras: CRAS (TII 2025), one model for all classes "
+                   "(--setting multi) or one per class. Method-dependent defaults are listed as 'pbas: ...; cras: ...'.")
+@click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run jobs in parallel, one process per GPU. "
                    "The CPU is used when CUDA is unavailable.")
-@click.option("--seed", type=int, default=0, help="Seed for Python, NumPy and torch, set before each class.")
+@click.option("--seed", type=int, default=0, help="Seed for Python, NumPy and torch, set before each job.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt",
               help="ckpt: train (or reuse a finished checkpoint) then test; test: only evaluate saved checkpoints.")
 @click.option("--results_path", type=str, default="results", help="Run folder for results, checkpoints and heatmaps.")
 @click.option("--log_project", type=str, default="project", help="Per-epoch logs go to RESULTS/logs/PROJECT/GROUP/RUN/.")
 @click.option("--log_group", type=str, default="group", help="See --log_project.")
 @click.option("--run_name", type=str, default="test", help="See --log_project.")
-@click.option("--precision", type=click.Choice(pbas.PRECISIONS), default="fp32",
-              help="fp32: faithful; tf32: TF32 matmuls/convolutions on Ampere+ GPUs; bf16: bfloat16 autocast.")
-@click.option("--cache", type=click.Choice(CACHE_MODES), default="auto",
-              help="Feature cache: embed each set once and train/evaluate from it (device memory or pinned host "
-                   "memory); off re-runs the backbone every pass. auto: device if it fits, else host; off with --train_backbone.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
+              help="fp32: faithful; tf32: TF32 matmuls/convolutions on Ampere+ GPUs; bf16: bfloat16 autocast "
+                   "(backbone and Linear layers only).")
+@click.option("--cache", type=click.Choice(engine.CACHE_MODES), default="auto",
+              help="Feature cache: embed each set once and train/evaluate from it (device memory or host memory); "
+                   "off re-runs the backbone every pass. auto: device if it fits in 60% of the free GPU memory, else host "
+                   "if it fits in half the available host memory, else off; off with --train_backbone.")
+@click.option("--release_weights", type=str, default=None, show_default="none",
+              help="With --test test: evaluate the authors' released weights instead of ours. DIR holds one folder per "
+                   "job as the releases write them (DIR/mvtec_dataset/ for CRAS multi, DIR/mvtec_carpet/ per class) with "
+                   "ckpt_best_N.pth (+ center.pth for CRAS); a checkpoint of ours is written from them, usable by predict.")
 def main(**_: object) -> None:
-    """PBAS: Progressive Boundary guided Anomaly Synthesis (Chen et al., IEEE TCSVT 2025).
+    """PBAS (Chen et al., IEEE TCSVT 2025) and CRAS (Chen et al., IEEE TII 2025) anomaly detection.
 
-    Example (the release's configuration for MVTec AD):
+    Examples (the releases' configurations for MVTec AD):
 
     \b
       python main.py --gpu 0 --seed 0 --test ckpt \\
@@ -71,6 +126,12 @@ def main(**_: object) -> None:
             --target_embed_dimension 1536 --patchsize 3 --meta_epochs 640 --eval_epochs 1 \\
             --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25 \\
         dataset --batch_size 8 --resize 288 --imagesize 288 -d carpet mvtec /data/mvtec
+    \b
+      python main.py --method cras --gpu 0 --seed 0 --test ckpt \\
+        net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 \\
+            --target_embed_dimension 1536 --patchsize 3 --meta_epochs 100 --eval_epochs 1 \\
+            --dsc_layers 3 --pre_proj 1 --noise 0.015 --k 0.3 --limit -1 \\
+        dataset --setting multi --batch_size 32 --resize 329 --imagesize 288 -d carpet -d grid mvtec /data/mvtec
     """
 
 
@@ -82,22 +143,37 @@ def main(**_: object) -> None:
 @click.option("--pretrain_embed_dimension", type=int, default=1536, help="Per-layer feature size after pooling.")
 @click.option("--target_embed_dimension", type=int, default=1536, help="Patch feature size D.")
 @click.option("--patchsize", type=int, default=3, help="Neighbourhood aggregated around each location (odd).")
-@click.option("--meta_epochs", type=int, default=640, help="Training epochs (the paper: 400).")
+@click.option("--meta_epochs", type=int, default=None, show_default=both("meta_epochs"), help="Training epochs (PBAS paper: 400).")
 @click.option("--eval_epochs", type=int, default=1, help="Evaluate on the test set every N epochs (and at the last).")
-@click.option("--dsc_layers", type=int, default=2, help="Discriminator depth: dsc_layers-1 hidden blocks + output layer.")
-@click.option("--dsc_hidden", type=int, default=1024, help="Discriminator hidden width.")
-@click.option("--dsc_margin", type=float, default=0.5, help="Score threshold used only for the p_true/p_fake progress figures.")
+@click.option("--dsc_layers", type=int, default=None, show_default=both("dsc_layers"),
+              help="Discriminator depth: dsc_layers-1 hidden blocks + output layer.")
+@click.option("--dsc_hidden", type=int, default=None, show_default=both("dsc_hidden"), help="PBAS: discriminator hidden width.")
+@click.option("--dsc_margin", type=float, default=None, show_default=both("dsc_margin"),
+              help="PBAS: score threshold used only for the p_true/p_fake progress figures.")
 @click.option("--pre_proj", type=int, default=1, help="Projector depth (Linear layers); 0 disables the projector.")
-@click.option("--k", type=float, default=0.25, help="Anomaly synthesis scale (the paper's alpha = 0.3).")
+@click.option("--k", type=float, default=None, show_default=both("k"),
+              help="Synthesis scale: PBAS's offset fraction (the paper's alpha = 0.3); CRAS's noise-scale spread.")
 @click.option("--lr", type=float, default=1e-4, help="Projector learning rate; the discriminator uses 2*lr.")
-@click.option("--train_backbone", is_flag=True, help="Fine-tune the backbone too (AdamW, lr); disables the feature cache.")
-@click.option("--center_metric", type=click.Choice(pbas.CENTER_METRICS), default="cosine",
-              help="Nearest-center search: cosine (release) or euclidean (paper, Algorithm 1).")
-@click.option("--dsc_optimizer", type=click.Choice(pbas.DSC_OPTIMIZERS), default="adamw",
-              help="Discriminator optimizer: adamw with decoupled weight decay 0.01 (release) or adam with L2 0.01 (paper).")
-def net_command(**options: object) -> tuple[str, dict]:
+@click.option("--train_backbone", is_flag=True, default=None, show_default=both("train_backbone"),
+              help="PBAS: fine-tune the backbone too (AdamW, lr); disables the feature cache.")
+@click.option("--center_metric", type=click.Choice(pbas.CENTER_METRICS), default=None, show_default=both("center_metric"),
+              help="PBAS: nearest-center search: cosine (release) or euclidean (paper, Algorithm 1).")
+@click.option("--dsc_optimizer", type=click.Choice(pbas.DSC_OPTIMIZERS), default=None, show_default=both("dsc_optimizer"),
+              help="PBAS: discriminator optimizer: adamw, decoupled weight decay 0.01 (release) or adam with L2 0.01 (paper).")
+@click.option("--noise", type=float, default=None, show_default=both("noise"), help="CRAS: std of the Gaussian residual noise.")
+@click.option("--limit", type=int, default=None, show_default=both("limit"),
+              help="CRAS: end each epoch after the batch that takes the sample count above LIMIT; -1: whole epochs "
+                   "(the release's CLI default 392 truncates epochs; its scripts pass -1).")
+@click.option("--class_vote", type=click.Choice(cras.CLASS_VOTES), default=None, show_default=both("class_vote"),
+              help="CRAS test-time class bank: batch = the majority class of each test batch (release); image = each "
+                   "image's own nearest bank. predict and export always use image.")
+@click.option("--noise_device", type=click.Choice(cras.NOISE_DEVICES), default=None, show_default=both("noise_device"),
+              help="CRAS: draw the noise from the CPU generator and copy it (release) or on the compute device (faster "
+                   "on GPUs, another random stream).")
+@click.pass_context
+def net_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
     """Network and training options."""
-    return "net", options
+    return "net", (options, given_options(ctx, options))
 
 
 @main.command("dataset", context_settings=CONTEXT)
@@ -105,13 +181,18 @@ def net_command(**options: object) -> tuple[str, dict]:
 @click.argument("data_path", type=str)
 @click.option("-d", "--subdatasets", "classes", multiple=True,
               help="Class to run (repeat the option); default: every official class of NAME.")
-@click.option("--batch_size", type=int, default=8, help="Images per batch for training and evaluation.")
-@click.option("--resize", type=int, default=288, help="Shorter image side before the center crop (MVTec toothbrush/wood: imagesize*8/7).")
+@click.option("--setting", type=click.Choice(SETTINGS), default=None, show_default=both("setting"),
+              help="CRAS: multi = one model for all requested classes; single = one model per class.")
+@click.option("--batch_size", type=int, default=None, show_default=both("batch_size"),
+              help="Images per batch for training and evaluation.")
+@click.option("--resize", type=int, default=None, show_default=both("resize"),
+              help="Shorter image side before the center crop (PBAS, MVTec toothbrush/wood: imagesize*8/7).")
 @click.option("--imagesize", type=int, default=288, help="Center-crop size fed to the network.")
 @click.option("--num_workers", type=int, default=4, help="Data-loading worker processes.")
-def dataset_command(**options: object) -> tuple[str, dict]:
-    """Dataset NAME (mvtec, visa, mpdd) at DATAPATH and its loading options."""
-    return "dataset", options
+@click.pass_context
+def dataset_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
+    """Dataset NAME (mvtec, visa, mpdd, itdd) at DATAPATH and its loading options."""
+    return "dataset", (options, given_options(ctx, options))
 
 
 @main.result_callback()
@@ -134,7 +215,7 @@ def dispatch(commands: list[tuple[str, object]], **global_options: object) -> No
     missing = [name for name in ("net", "dataset") if name not in parts]
     if missing:
         raise UserError(f"missing subcommand(s): {', '.join(missing)}; usage: main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATAPATH")
-    failures = run(RunOptions.from_cli(global_options, parts["net"], parts["dataset"]))
+    failures = run(RunOptions.from_cli(global_options, *parts["net"], *parts["dataset"]))
     if failures:
         raise SystemExit(1)
 
@@ -144,14 +225,58 @@ def dispatch(commands: list[tuple[str, object]], **global_options: object) -> No
 # ----------------------------------------------------------------------------------------------
 
 
+def resolve_method_options(method: str, net: dict, net_given: dict, data: dict, data_given: dict) -> tuple[dict, dict]:
+    """Reject options the method does not have; fill the method's defaults for those not given."""
+    for option in (*net_given, *data_given):
+        if option in NOT_FOR[method]:
+            other = next(m for m in METHODS if m != method)
+            raise UserError(f"--{option} is not used by {method.upper()}: {NOT_FOR[method][option]} "
+                            f"(it is an option of --method {other})")
+    defaults = METHODS[method].Config()
+    net = {k: (getattr(defaults, k) if v is None and k not in NOT_FOR[method] else v) for k, v in net.items()}
+    data = dict(data)
+    if method == "cras":
+        data["setting"] = data["setting"] or "multi"
+    if data["batch_size"] is None:
+        data["batch_size"] = CRAS_SINGLE_BATCH_SIZE if data.get("setting") == "single" else defaults.batch_size
+    if data["resize"] is None:
+        data["resize"] = RESIZE_DEFAULTS[method]
+    return net, data
+
+
+def check_ranges(method: str, net: dict, data: dict) -> None:
+    """One-line errors for option values that make no sense."""
+    for key, value in (("batch_size", data["batch_size"]), ("imagesize", data["imagesize"]), ("resize", data["resize"]),
+                       ("meta_epochs", net["meta_epochs"]), ("eval_epochs", net["eval_epochs"]),
+                       ("dsc_layers", net["dsc_layers"]), ("dsc_hidden", net["dsc_hidden"]),
+                       ("pretrain_embed_dimension", net["pretrain_embed_dimension"]),
+                       ("target_embed_dimension", net["target_embed_dimension"])):
+        if value is not None and value < 1:
+            raise UserError(f"--{key} must be at least 1, got {value}")
+    if net["patchsize"] < 1 or net["patchsize"] % 2 == 0:
+        raise UserError(f"--patchsize must be a positive odd number, got {net['patchsize']}")
+    if net["pre_proj"] < 0 or data["num_workers"] < 0:
+        raise UserError("--pre_proj and --num_workers must be non-negative")
+    if net["limit"] is not None and net["limit"] < -1:
+        raise UserError(f"--limit must be -1 (whole epochs) or a sample count >= 0, got {net['limit']}")
+    if net["noise"] is not None and not net["noise"] > 0:
+        raise UserError(f"--noise must be positive, got {net['noise']}")
+    if method == "cras" and (2 * net["target_embed_dimension"]) >> (net["dsc_layers"] - 1) < 1:
+        raise UserError(f"--dsc_layers {net['dsc_layers']} halves 2 x {net['target_embed_dimension']} below one unit")
+    if net["lr"] <= 0:
+        raise UserError(f"--lr must be positive, got {net['lr']}")
+
+
 @dataclass
 class RunOptions:
     """Everything one invocation needs, validated."""
 
-    config: pbas.PBASConfig
+    method: str
+    config: pbas.PBASConfig | cras.CRASConfig
     dataset: str
     datapath: str
     classes: list[str]
+    setting: str  # multi: one job for all classes; single: one job per class
     resize: int
     num_workers: int
     seed: int
@@ -161,53 +286,54 @@ class RunOptions:
     log_dir: str
     precision: str
     cache: str
+    release_weights: str | None
 
     @classmethod
-    def from_cli(cls, g: dict, net: dict, data: dict) -> "RunOptions":
-        if len(net["backbone_names"]) != 1:
-            raise UserError(f"give exactly one backbone with -b; got {list(net['backbone_names'])}")
+    def from_cli(cls, g: dict, net: dict, net_given: dict, data: dict, data_given: dict) -> "RunOptions":
+        method = g["method"]
+        net, data = resolve_method_options(method, net, net_given, data, data_given)
+        if len(net["backbone_names"]) != 1 or ".seed-" in net["backbone_names"][0]:
+            raise UserError(f"give exactly one backbone with -b (no '.seed-N' suffix: use --seed); got {list(net['backbone_names'])}")
         name = data["name"]
         if name not in datasets.DATASET_NAMES:
             raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
-        for key, value in (("batch_size", data["batch_size"]), ("imagesize", data["imagesize"]), ("resize", data["resize"]),
-                           ("meta_epochs", net["meta_epochs"]), ("eval_epochs", net["eval_epochs"]),
-                           ("dsc_layers", net["dsc_layers"]), ("dsc_hidden", net["dsc_hidden"]),
-                           ("pretrain_embed_dimension", net["pretrain_embed_dimension"]),
-                           ("target_embed_dimension", net["target_embed_dimension"])):
-            if value < 1:
-                raise UserError(f"--{key} must be at least 1, got {value}")
-        if net["patchsize"] < 1 or net["patchsize"] % 2 == 0:
-            raise UserError(f"--patchsize must be a positive odd number, got {net['patchsize']}")
-        if net["pre_proj"] < 0 or data["num_workers"] < 0:
-            raise UserError("--pre_proj and --num_workers must be non-negative")
-        config = pbas.PBASConfig(
-            backbone=net["backbone_names"][0], layers=tuple(net["layers"]),
-            pretrain_embed_dimension=net["pretrain_embed_dimension"], target_embed_dimension=net["target_embed_dimension"],
-            patchsize=net["patchsize"], meta_epochs=net["meta_epochs"], eval_epochs=net["eval_epochs"],
-            dsc_layers=net["dsc_layers"], dsc_hidden=net["dsc_hidden"], dsc_margin=net["dsc_margin"],
-            pre_proj=net["pre_proj"], k=net["k"], lr=net["lr"], train_backbone=net["train_backbone"],
-            center_metric=net["center_metric"], dsc_optimizer=net["dsc_optimizer"],
-            imagesize=data["imagesize"], batch_size=data["batch_size"],
-        )
+        check_ranges(method, net, data)
+        Config = METHODS[method].Config
+        fields = set(Config.__dataclass_fields__) - set(NOT_FOR[method])
+        values = {k: v for k, v in net.items() if k in fields}
+        values.update(backbone=net["backbone_names"][0], layers=tuple(net["layers"]), imagesize=data["imagesize"],
+                      batch_size=data["batch_size"])
+        config = Config(**values)
         cache = g["cache"]
         if config.train_backbone and cache not in ("auto", "off"):
             raise UserError("--train_backbone changes the features every step; use --cache off (or auto)")
+        if g["release_weights"] is not None:
+            if g["test"] != "test":
+                raise UserError("--release_weights evaluates the authors' weights: use it with --test test")
+            if not os.path.isdir(g["release_weights"]):
+                raise UserError(f"--release_weights {g['release_weights']} is not a folder")
         results_path = os.path.abspath(g["results_path"])
         return cls(
-            config=config, dataset=name, datapath=os.path.abspath(data["data_path"]),
-            classes=list(data["classes"]) or list(datasets.CLASSES[name]), resize=data["resize"],
-            num_workers=data["num_workers"], seed=g["seed"], test=g["test"], gpu=tuple(g["gpu"]),
+            method=method, config=config, dataset=name, datapath=os.path.abspath(data["data_path"]),
+            classes=list(data["classes"]) or list(datasets.CLASSES[name]), setting=data.get("setting") or "single",
+            resize=data["resize"], num_workers=data["num_workers"], seed=g["seed"], test=g["test"], gpu=tuple(g["gpu"]),
             results_path=results_path,
             log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
             precision=g["precision"], cache="off" if config.train_backbone else cache,
+            release_weights=None if g["release_weights"] is None else os.path.abspath(g["release_weights"]),
         )
 
-    def class_config(self, classname: str, resize: int) -> dict:
-        """The resolved configuration of one class: what its checkpoint records and must match."""
+    def settings(self) -> engine.RunSettings:
+        return engine.RunSettings(METHODS[self.method], self.config, self.precision, self.cache, self.num_workers, self.seed)
+
+    def job_config(self, classnames: list[str], resize: int) -> dict:
+        """The resolved configuration of one job: what its checkpoint records and must match."""
         return {
+            "method": self.method,
+            "setting": self.setting,
             "net": self.config.to_dict(),
             "dataset": self.dataset,
-            "classname": classname,
+            "classes": list(classnames),
             "resize": resize,
             "requested_resize": self.resize,
             "seed": self.seed,
@@ -216,222 +342,126 @@ class RunOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# running classes
+# jobs
 # ----------------------------------------------------------------------------------------------
 
 
-def class_dir(opts: RunOptions, name: str) -> str:
-    return os.path.join(opts.results_path, "models", name)
+def job_groups(opts: RunOptions) -> list[tuple[str, list[str]]]:
+    """(job name, its classes): one job per class, or one for all of them (CRAS --setting multi)."""
+    if opts.setting == "multi":
+        return [(f"{opts.dataset}_dataset", list(opts.classes))]
+    return [(f"{opts.dataset}_{c}", [c]) for c in opts.classes]
 
 
-def config_difference(saved: dict, wanted: dict) -> str | None:
-    """The first setting of the class configurations (``RunOptions.class_config``) that differs, or None.
+def check_existing(opts: RunOptions, job: engine.Job) -> None:
+    """Decide what to do with a job's checkpoint folder (sets ``finished``); one-line errors before anything is written."""
+    path = job.checkpoint
+    if opts.release_weights is not None:
+        job.release = os.path.join(opts.release_weights, job.name)
+        engine.release_files(job.release, METHODS[opts.method].needs_center_to_score)
+        if os.path.exists(path):
+            saved = utils.load_checkpoint(path)
+            if saved.get("release") != job.release:
+                raise UserError(f"{path} exists and was not converted from {job.release}; "
+                                "use another --results_path for the released weights")
+        return
+    if opts.test == "test" and not os.path.exists(path):
+        raise UserError(f"--test test: no checkpoint for {job.name} at {path}; train it first with --test ckpt")
+    if not os.path.exists(path):
+        return
+    saved = engine.read_checkpoint(path, opts.method)
+    diff = engine.config_difference(saved["config"], job.config)
+    if diff is not None:
+        raise UserError(f"{path} was trained with another configuration ({diff}); use another --results_path or remove it")
+    if saved.get("complete"):
+        job.finished = True
+    elif opts.test == "test":
+        raise UserError(f"{path} is from an unfinished training run; run --test ckpt to train {job.name} again")
+    else:
+        LOG.info("%s: unfinished checkpoint found, training again", job.name)
 
-    Device settings (gpu, num_workers, cache, paths) are not part of that configuration: they may change."""
-    flat_saved = {**saved, **saved.get("net", {})}
-    flat_wanted = {**wanted, **wanted.get("net", {})}
-    for key in sorted(set(flat_saved) | set(flat_wanted)):
-        if key == "net":
-            continue
-        if flat_saved.get(key) != flat_wanted.get(key):
-            return f"{key}={flat_saved.get(key)!r} in the checkpoint, {flat_wanted.get(key)!r} now"
-    return None
 
-
-@dataclass
-class ClassJob:
-    name: str  # DATASET_CLASS
-    classname: str
-    train: torch.utils.data.Dataset
-    test: torch.utils.data.Dataset
-    config: dict
-    finished: bool  # a finished checkpoint exists: test it instead of training
-
-
-def prepare_jobs(opts: RunOptions) -> list[ClassJob]:
+def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
     """Validate every class before anything is written: data, and checkpoints for --test test."""
     if not os.path.isdir(opts.datapath):
         raise UserError(f"DATAPATH {opts.datapath} does not exist or is not a folder")
+    method = METHODS[opts.method]
     jobs = []
-    for classname in opts.classes:
-        train, test = datasets.build_datasets(opts.dataset, opts.datapath, classname, opts.resize, opts.config.imagesize)
-        name = f"{opts.dataset}_{classname}"
-        if train.resize != opts.resize:
-            LOG.info("%s: resize %d instead of %d (release rule for MVTec toothbrush and wood)", name, train.resize, opts.resize)
-        config = opts.class_config(classname, train.resize)
-        path = os.path.join(class_dir(opts, name), CHECKPOINT_NAME)
-        finished = False
-        if opts.test == "test" or os.path.exists(path):
-            if opts.test == "test" and not os.path.exists(path):
-                raise UserError(f"--test test: no checkpoint for {name} at {path}; train it first with --test ckpt")
-            saved = utils.load_checkpoint(path)
-            diff = config_difference(saved["config"], config)
-            if diff is not None:
-                raise UserError(f"{path} was trained with another configuration ({diff}); use another --results_path or remove it")
-            if saved.get("complete"):
-                finished = True
-            elif opts.test == "test":
-                raise UserError(f"{path} is from an unfinished training run; run --test ckpt to train {name} again")
-            else:
-                LOG.info("%s: unfinished checkpoint found, training again", name)
-        jobs.append(ClassJob(name, classname, train, test, config, finished))
+    for name, classnames in job_groups(opts):
+        trains, tests, resizes = [], [], set()
+        for classname in classnames:
+            train, test = datasets.build_datasets(opts.dataset, opts.datapath, classname, opts.resize,
+                                                  opts.config.imagesize, class_resize_rule=method.class_resize_rule)
+            if train.resize != opts.resize:
+                LOG.info("%s_%s: resize %d instead of %d (PBAS release rule for MVTec toothbrush and wood)",
+                         opts.dataset, classname, train.resize, opts.resize)
+            trains.append(train)
+            tests.append(test)
+            resizes.add(train.resize)
+        assert len(resizes) == 1  # the per-class resize rule applies only to one-class jobs
+        job = engine.Job(name=name, dataset=opts.dataset, classnames=classnames, trains=trains, tests=tests,
+                         config=opts.job_config(classnames, resizes.pop()),
+                         folder=os.path.join(opts.results_path, "models", opts.method, name),
+                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}.csv"))
+        check_existing(opts, job)
+        jobs.append(job)
     return jobs
 
 
-def choose_cache(opts: RunOptions, device: torch.device, n_images: int, positions: int) -> str:
-    """Resolve --cache auto: the device when the features of both sets fit comfortably, else pinned host memory."""
-    if opts.cache != "auto":
-        return opts.cache
-    if device.type != "cuda":
-        return "device"  # the CPU's memory is the host memory
-    need = n_images * positions * opts.config.target_embed_dimension * 4
-    free, _ = torch.cuda.mem_get_info(device)
-    return "device" if need < 0.6 * free else "host"
+# ----------------------------------------------------------------------------------------------
+# running jobs
+# ----------------------------------------------------------------------------------------------
 
 
-def grid_positions(model: pbas.PBAS, imagesize: int, device: torch.device) -> int:
-    """H*W of the patch grid for this image size (one tiny forward pass)."""
-    with torch.no_grad():
-        _, grid = model.embed(torch.zeros(1, 3, imagesize, imagesize, device=device))
-    return grid[0] * grid[1]
-
-
-def load_test_set(dataset: datasets.AnomalyDataset, device: torch.device) -> pbas.TestSet:
-    """Labels and masks of the test set (masks only: the images are decoded once, by the feature source)."""
-    labels = torch.tensor([s.is_anomaly for s in dataset.samples])
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        masks = torch.stack([m[0] for m in pool.map(dataset.mask, range(len(dataset)))])  # [N, S, S]
-    return pbas.TestSet(labels=labels.to(device), masks=masks.to(device))
-
-
-def write_heatmaps(opts: RunOptions, job: ClassJob, maps: torch.Tensor) -> None:
-    folder = os.path.join(opts.results_path, "heatmaps", job.name)
-    for i in range(len(job.test)):
-        item = job.test[i]
-        stem = os.path.splitext(os.path.basename(item["image_path"]))[0]
-        utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, f"{item['defect']}_{stem}.png"))
-
-
-def final_metrics(model: pbas.PBAS, source: pbas.FeatureSource, test_set: pbas.TestSet, state: dict) -> tuple[dict, torch.Tensor]:
-    model.load_trained_state(state)
-    result, _, maps = pbas.evaluate(model, source, test_set, full=True)
-    return result, maps
-
-
-def run_class(opts: RunOptions, job: ClassJob, stages: backbones.Stages, device: torch.device) -> dict:
-    """Train (or reuse) and test one class; return its results.csv row."""
-    utils.set_seed(opts.seed)
-    model = pbas.PBAS(opts.config, stages, opts.precision).to(device)
-    folder = class_dir(opts, job.name)
-    ckpt_path = os.path.join(folder, CHECKPOINT_NAME)
-    positions = grid_positions(model, opts.config.imagesize, device)
-    cache = choose_cache(opts, device, len(job.train) + len(job.test), positions)
-    make_source = lambda ds: pbas.FeatureSource(model, ds, opts.config.batch_size, opts.num_workers, device, cache, utils.progress)
-    train_source, test_source = make_source(job.train), make_source(job.test)
-    test_set = load_test_set(job.test, device)
-    LOG.info("%s: %d train / %d test images, feature cache: %s", job.name, len(job.train), len(job.test), cache)
-
-    if not job.finished:
-        started = time.time()
-        epoch_log = os.path.join(opts.log_dir, f"{job.name}.csv")
-        log_lines = ["epoch,loss,svdd_loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc"]
-        progress_every = max(1, opts.config.meta_epochs // PROGRESS_LINES)
-
-        def on_epoch(log: pbas.EpochLog) -> None:
-            s = log.stats
-            log_lines.append(",".join(str(v) for v in (log.epoch, s["loss"], s["svdd_loss"], s["true_loss"], s["fake_loss"],
-                                                      s["p_true"], s["p_fake"], log.image_auroc, log.pixel_auroc)))
-            if log.epoch % 10 == 9 or log.epoch == opts.config.meta_epochs - 1:
-                utils.save_text("\n".join(log_lines) + "\n", epoch_log)
-            if not sys.stderr.isatty() and (log.epoch + 1) % progress_every == 0:  # no progress bar: a line now and then
-                LOG.info("%s: epoch %d/%d, loss %.4f, p_true %.2f, p_fake %.2f, I-AUROC %.2f, P-AUROC %.2f",
-                         job.name, log.epoch + 1, opts.config.meta_epochs, s["loss"], s["p_true"], s["p_fake"],
-                         100 * log.image_auroc, 100 * log.pixel_auroc)
-
-        def on_best(epoch: int, state: dict, metrics: dict) -> None:
-            utils.save_torch({"format": utils.CHECKPOINT_FORMAT, "complete": False, "config": job.config,
-                              "center": model.center.cpu(), "best": {"epoch": epoch, "state": state, "metrics": metrics}},
-                             ckpt_path)
-
-        fit = pbas.fit(model, train_source, test_source, test_set, opts.seed, on_epoch, on_best, utils.progress)
-        center = model.center.cpu()
-        best = {"epoch": fit.best_epoch, "state": fit.best_state}
-        last = {"epoch": fit.last_epoch, "state": fit.last_state}
-        train_seconds = time.time() - started
-    else:
-        ckpt = utils.load_checkpoint(ckpt_path)
-        LOG.info("%s: testing the finished checkpoint %s", job.name, ckpt_path)
-        center = ckpt["center"]
-        model.center = center.to(device)
-        best, last = ckpt["best"], ckpt["last"]
-        train_seconds = ckpt.get("train_seconds", math.nan)
-
-    last_metrics, _ = final_metrics(model, test_source, test_set, last["state"])
-    best_metrics, maps = final_metrics(model, test_source, test_set, best["state"])  # leaves the best state loaded
-    write_heatmaps(opts, job, maps)
-    row = {**best_metrics, "best_epoch": best["epoch"], "last_epoch": last["epoch"],
-           **{f"last_{k}": last_metrics[k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
-    if not job.finished:
-        utils.save_torch({
-            "format": utils.CHECKPOINT_FORMAT, "complete": True, "config": job.config, "center": center,
-            "best": {**best, "metrics": best_metrics}, "last": {**last, "metrics": last_metrics},
-            "normal_scores": pbas.normal_score_statistics(model, train_source),  # under the best state, for thresholds
-            "train_seconds": train_seconds, "torch_version": str(torch.__version__),
-        }, ckpt_path)
-    utils.save_json(row, os.path.join(folder, "metrics.json"))
-    return row
-
-
-def run_jobs(opts: RunOptions, jobs: list[ClassJob], gpu: int | None, report) -> None:
-    """Run ``jobs`` one after the other on one device; ``report(name, row_or_None, error_or_None)`` after each."""
+def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
+    """Run ``jobs`` (index, job) one after the other on one device; ``report(index, rows_or_None, error_or_None)`` after each."""
     device = utils.pick_device(gpu)
     if device.type == "cpu" and gpu is not None and gpu >= 0:
         LOG.info("CUDA is not available: running on the CPU")
     utils.configure_precision(opts.precision)
+    settings = opts.settings()
+    cfg = opts.config
     stages = None
-    for job in jobs:
-        LOG.info("=== %s (%s)", job.name, device)
+    for index, job in jobs:
+        LOG.info("=== %s %s (%s)", opts.method.upper(), job.name, device)
         try:
-            if stages is None or opts.config.train_backbone:  # a fine-tuned backbone must not leak into the next class
-                _, stages = backbones.load_backbone(opts.config.backbone)
-            row = run_class(opts, job, stages, device)
+            if stages is None or cfg.train_backbone:  # a fine-tuned backbone must not leak into the next job
+                _, stages = backbones.load_backbone(cfg.backbone)
+            embedder = Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
+            rows = engine.run_job(job, settings, embedder, device)
         except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
-            report(job.name, None, str(exc))
+            report(index, None, str(exc))
             continue
-        except (RuntimeError, OSError) as exc:  # e.g. out of memory: keep going with the other classes
+        except (RuntimeError, OSError) as exc:  # e.g. out of memory: keep going with the other jobs
             LOG.debug("%s", traceback.format_exc())
-            report(job.name, None, f"{type(exc).__name__}: {exc}")
+            report(index, None, f"{type(exc).__name__}: {exc}")
             continue
-        report(job.name, row, None)
+        report(index, rows, None)
 
 
-def _worker(opts: RunOptions, jobs: list[ClassJob], gpu: int, tasks, results, threads: int) -> None:
-    """A worker process: take class indices from ``tasks`` until it is empty, report rows on ``results``."""
+def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int) -> None:
+    """A worker process: take job indices from ``tasks`` until its sentinel (None), report rows on ``results``."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [gpu {gpu}] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(threads)
+    if torch.cuda.is_available() and 0 <= gpu < torch.cuda.device_count():
+        torch.cuda.set_device(gpu)  # before anything touches CUDA: pinned memory would open a context on GPU 0
 
     def next_jobs():
-        while True:
-            try:
-                index = tasks.get_nowait()
-            except queue.Empty:
-                return
+        while (index := tasks.get()) is not None:
             results.put(("start", index, None, None))
-            yield jobs[index]
+            yield index, jobs[index]
 
-    def report(name: str, row: dict | None, error: str | None) -> None:
-        index = next(i for i, job in enumerate(jobs) if job.name == name)
-        results.put(("done", index, row, error))
-
-    run_jobs(opts, next_jobs(), gpu, report)
+    run_jobs(opts, next_jobs(), gpu, lambda index, rows, error: results.put(("done", index, rows, error)))
 
 
-def run_parallel(opts: RunOptions, jobs: list[ClassJob], report) -> None:
-    """One worker process per --gpu id; classes are handed out one at a time to whichever worker is free."""
+def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
+    """One worker process per --gpu id; jobs are handed out one at a time to whichever worker is free."""
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in range(len(jobs)):
         tasks.put(index)
+    for _ in opts.gpu:
+        tasks.put(None)  # one sentinel per worker: a worker stops only when every job is handed out
     threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
     # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
     workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads)) for gpu in opts.gpu]
@@ -442,7 +472,7 @@ def run_parallel(opts: RunOptions, jobs: list[ClassJob], report) -> None:
             w.start()
         while len(finished) < len(jobs):
             try:
-                kind, index, row, error = results.get(timeout=1.0)
+                kind, index, rows, error = results.get(timeout=1.0)
             except queue.Empty:
                 if not any(w.is_alive() for w in workers):
                     break
@@ -451,51 +481,53 @@ def run_parallel(opts: RunOptions, jobs: list[ClassJob], report) -> None:
                 started.add(index)
             else:
                 finished.add(index)
-                report(jobs[index].name, row, error)
+                report(index, rows, error)
     finally:
         for w in workers:
             w.join(timeout=10)
             if w.is_alive():  # interrupted, or stuck: do not leave it running
                 w.terminate()
-    for index in range(len(jobs)):  # classes lost with a crashed worker, or never started
+    for index in range(len(jobs)):  # jobs lost with a crashed worker, or never started
         if index not in finished:
-            report(jobs[index].name, None, "its worker process ended without a result" if index in started else "not run")
+            report(index, None, "its worker process ended without a result" if index in started else "not run")
 
 
 def run(opts: RunOptions) -> list[str]:
-    """Run every class (in this process, or one process per --gpu id); return the names of the classes that failed."""
+    """Run every job (in this process, or one process per --gpu id); return the names of the jobs that failed."""
     jobs = prepare_jobs(opts)
     _, stages = backbones.load_backbone(opts.config.backbone)  # fails early on a missing weights file
     backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
     del stages
 
     os.makedirs(opts.results_path, exist_ok=True)
-    utils.save_json({"command": sys.argv, "torch": torch.__version__, "gpu": list(opts.gpu), "precision": opts.precision,
-                     "classes": {job.name: job.config for job in jobs}, "cache": opts.cache,
+    utils.save_json({"command": sys.argv, "torch": torch.__version__, "method": opts.method, "gpu": list(opts.gpu),
+                     "precision": opts.precision, "jobs": {job.name: job.config for job in jobs}, "cache": opts.cache,
                      "num_workers": opts.num_workers, "log_dir": opts.log_dir},
                     os.path.join(opts.results_path, "config.json"))
-    order = [job.name for job in jobs]
+    order = [name for job in jobs for name in job.row_names]
     rows: dict[str, dict] = {}
     failures: list[str] = []
 
-    def report(name: str, row: dict | None, error: str | None) -> None:
-        if row is None:
-            LOG.error("%s failed: %s", name, error)
-            failures.append(name)
+    def report(index: int, job_rows: dict | None, error: str | None) -> None:
+        job = jobs[index]
+        if job_rows is None:
+            LOG.error("%s failed: %s", job.name, error)
+            failures.append(job.name)
             return
-        rows[name] = row
+        rows.update(job_rows)
         done = [(n, rows[n]) for n in order if n in rows]  # class order, whatever finished first
         utils.save_text(utils.results_csv(done), os.path.join(opts.results_path, "results.csv"))
-        LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
+        for name, row in job_rows.items():
+            LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
 
-    if len(opts.gpu) > 1:
+    if len(opts.gpu) > 1 and len(jobs) > 1:
         run_parallel(opts, jobs, report)
     else:
-        run_jobs(opts, jobs, opts.gpu[0] if opts.gpu else None, report)
+        run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
     if rows:
         print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
     if failures:
-        LOG.error("failed classes: %s", ", ".join(sorted(failures, key=order.index)))
+        LOG.error("failed jobs: %s", ", ".join(failures))
     return failures
 
 
@@ -524,7 +556,7 @@ class InterspersedCommand(click.Command):
 
 @main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=str)
-@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/DATASET_CLASS/).")
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/).")
 @click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
 @click.option("--threshold", type=str, default="auto", help=f"Image threshold. {THRESHOLD_HELP}")
 @click.option("--pixel_threshold", type=str, default="auto", help=f"Pixel threshold of the masks. {PIXEL_THRESHOLD_HELP}")
@@ -553,7 +585,7 @@ def predict_command(images: tuple[str, ...], checkpoint: str, output: str, thres
             threshold=inference.parse_threshold(threshold, "--threshold"),
             pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"),
             batch_size=batch_size, gpu=g["gpu"][0] if g["gpu"] else None, precision=g["precision"])
-        return inference.predict(opts)
+        return inference.predict(opts, checkpoint_method(g))
 
     return "predict", run_tool
 
@@ -574,7 +606,15 @@ def export_command(checkpoint: str, output: str, opset: int | None) -> tuple[str
     """
     import inference
 
-    return "export", lambda g: inference.export_onnx(checkpoint, output, opset)
+    return "export", lambda g: inference.export_onnx(checkpoint, output, checkpoint_method(g), opset)
+
+
+def checkpoint_method(g: dict) -> dict[str, type[Method]]:
+    """The methods a tool may load: the one of the checkpoint, or only --method's when it was given."""
+    ctx = click.get_current_context()
+    if ctx.find_root().get_parameter_source("method") == ParameterSource.COMMANDLINE:
+        return {g["method"]: METHODS[g["method"]]}
+    return METHODS
 
 
 # (end of tool subcommands)

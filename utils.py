@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs
 # What torch.load raises on a file that is not a checkpoint of ours (random bytes, truncated, foreign pickle).
 CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError,
                           pickle.UnpicklingError, OverflowError, MemoryError)
@@ -96,18 +96,26 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this program (tensors and plain data only); a one-line UserError otherwise."""
+def load_tensors(path: str):
+    """torch.load of tensors and plain data only (no code runs); a one-line UserError for anything else."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise UserError(f"no checkpoint at {path}") from exc
     except CHECKPOINT_LOAD_ERRORS as exc:
-        raise UserError(f"{path} is not a readable PBAS checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{path} is not a PBAS checkpoint of format {CHECKPOINT_FORMAT}")
+        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__})") from exc
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this program (tensors and plain data only); a one-line UserError otherwise."""
+    ckpt = load_tensors(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a checkpoint of this program")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}, this version reads format "
+                        f"{CHECKPOINT_FORMAT}; train it again with this version")
     return ckpt
 
 
@@ -131,6 +139,18 @@ def pick_device(gpu: int | None) -> torch.device:
             raise UserError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device(f"cuda:{gpu}")
     return torch.device("cpu")
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory available to new allocations (Linux MemAvailable; else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def configure_precision(precision: str) -> None:

@@ -1,4 +1,9 @@
-"""Shared pieces of the dataset loaders: constants, transforms, sample list, torch Dataset."""
+"""Shared pieces of the dataset loaders: constants, transforms, sample list, torch Dataset.
+
+Two on-disk layouts exist: LAYOUT_MVTEC (ROOT/CLASS/train/good, test/DEFECT, ground_truth/DEFECT; MVTec AD,
+MPDD, ITDD and the MVTec-layout conversion of VisA) and LAYOUT_SPLIT_CSV (VisA's ROOT/split_csv/1cls.csv).
+Masks are binarised (> 0) only in the split_csv layout, as the PBAS release's VisA loader does.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"  # folder / defect name of normal images
 SPLITS = ("train", "test")
 
-DATASET_NAMES = ("mvtec", "visa", "mpdd")
+DATASET_NAMES = ("mvtec", "visa", "mpdd", "itdd")
 CLASSES: dict[str, tuple[str, ...]] = {
     "mvtec": (
         "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule",
@@ -28,11 +33,15 @@ CLASSES: dict[str, tuple[str, ...]] = {
         "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
     ),
     "mpdd": ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
+    "itdd": ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric"),  # CRAS authors' textile dataset
 }
-# Released code: these MVTec classes are resized to imagesize * 8 / 7 before the centre crop.
+# PBAS release only: these MVTec classes are resized to imagesize * 8 / 7 before the centre crop (CRAS: never).
 WIDE_RESIZE_CLASSES: dict[str, tuple[str, ...]] = {"mvtec": ("toothbrush", "wood")}
 WIDE_RESIZE_FACTOR = 8 / 7
-BINARIZED_MASK_DATASETS = ("visa",)
+LAYOUT_MVTEC = "mvtec"  # ROOT/CLASS/{train,test,ground_truth}/...
+LAYOUT_SPLIT_CSV = "split_csv"  # ROOT/split_csv/1cls.csv (prepared VisA)
+LAYOUTS = (LAYOUT_MVTEC, LAYOUT_SPLIT_CSV)
+BINARIZED_MASK_LAYOUTS = (LAYOUT_SPLIT_CSV,)
 
 # Errors PIL / the OS raise for missing, unreadable or corrupt image files.
 IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -55,9 +64,12 @@ class Sample:
     defect: str
 
 
-def effective_resize(dataset: str, classname: str, resize: int, imagesize: int) -> int:
-    """Resize actually used by the released code (toothbrush/wood of MVTec use imagesize * 8 / 7)."""
-    if classname in WIDE_RESIZE_CLASSES.get(dataset, ()):
+def effective_resize(
+    dataset: str, classname: str, resize: int, imagesize: int, class_resize_rule: bool = True
+) -> int:
+    """Resize actually used: with class_resize_rule (PBAS release) MVTec toothbrush/wood use
+    int(imagesize * 8 / 7); without it (CRAS release) `resize` for every class."""
+    if class_resize_rule and classname in WIDE_RESIZE_CLASSES.get(dataset, ()):
         return int(imagesize * WIDE_RESIZE_FACTOR)
     return resize
 
@@ -157,7 +169,10 @@ def check_readable(samples: Iterable[Sample]) -> None:
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
-    """Images (and masks) of one class and split, transformed like the released PBAS code."""
+    """Images (and masks) of one class and split, transformed like the released PBAS / CRAS code.
+
+    `layout` records the on-disk layout the samples were read from (LAYOUT_MVTEC or LAYOUT_SPLIT_CSV).
+    """
 
     def __init__(
         self,
@@ -168,6 +183,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         resize: int,
         imagesize: int,
         binarize_mask: bool = False,
+        layout: str = LAYOUT_MVTEC,
     ) -> None:
         self.dataset = dataset
         self.classname = classname
@@ -176,6 +192,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.resize = resize
         self.imagesize = imagesize
         self.binarize_mask = binarize_mask
+        self.layout = layout
         self.transform_image = image_transform(resize, imagesize)
         self.transform_mask = mask_transform(resize, imagesize)
 
@@ -201,5 +218,5 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"AnomalyDataset({self.dataset}/{self.classname}, split={self.split}, n={len(self)}, "
-            f"resize={self.resize}, imagesize={self.imagesize})"
+            f"resize={self.resize}, imagesize={self.imagesize}, layout={self.layout})"
         )

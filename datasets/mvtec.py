@@ -1,4 +1,4 @@
-"""Sample lists for the MVTec AD layout, shared by MVTec AD and MPDD.
+"""Sample lists for the MVTec AD layout, shared by MVTec AD, MPDD, ITDD and MVTec-layout VisA.
 
 ROOT/CLASS/train/good/*.png, ROOT/CLASS/test/{good,DEFECT}/*.png, ROOT/CLASS/ground_truth/DEFECT/*_mask.png.
 The i-th image of a defect type (sorted) pairs with the i-th mask of that type (sorted).

@@ -3,8 +3,12 @@
 Two looks: "texture" (a woven, grain-like periodic texture) and "object" (a rounded square with a hole
 on a plain background). Normal images vary by phase, pose, scale, brightness and pixel noise. Defect
 images carry one clearly visible local defect (about 2.5-12 % of the image area) and a 0/255 mask.
+Class names are free (e.g. the ITDD names); the look of each class is given by `kinds` (--kinds), else
+by kind_of (a name starting with texture/object picks it, otherwise alternating by position).
+The MVTec layout also serves as the MVTec-layout conversion of VisA (`dataset visa` without split_csv/).
 
-    python -m datasets.synthetic ROOT [--classes texture object] [--n_train 40] [--size 128] [--seed 0]
+    python -m datasets.synthetic ROOT [--classes texture object] [--kinds KIND ...] [--n_train 40] [--size 128]
+                                      [--seed 0] [--layout mvtec|visa]
 """
 
 from __future__ import annotations
@@ -309,17 +313,53 @@ def _save(array: Array, path: str) -> None:
     Image.fromarray(array).save(path)
 
 
+def class_kinds(classes: Sequence[str], kinds: Sequence[str] | None = None) -> list[str]:
+    """Look of each class: kinds[i] if kinds is given (one per class, each in KINDS), else kind_of()."""
+    if kinds is None:
+        return [kind_of(name, position) for position, name in enumerate(classes)]
+    kinds = list(kinds)
+    if len(kinds) != len(classes) or any(kind not in KINDS for kind in kinds):
+        raise ValueError(
+            f"kinds must give one of {', '.join(KINDS)} per class; got {kinds} for classes {list(classes)}"
+        )
+    return kinds
+
+
 def _generated_classes(
-    root: str, classes: Sequence[str], counts: tuple[int, int, int], size: int, seed: int
+    root: str,
+    classes: Sequence[str],
+    counts: tuple[int, int, int],
+    size: int,
+    seed: int,
+    kinds: Sequence[str] | None = None,
 ) -> list[tuple[str, list[Record]]]:
     """(class name, records) per class, each class folder freshly prepared under root."""
     if len(set(classes)) != len(classes) or not classes:
         raise ValueError(f"classes must be distinct and non-empty, got {list(classes)}")
+    looks = class_kinds(classes, kinds)
     result = []
-    for position, name in enumerate(classes):
+    for name, kind in zip(classes, looks):
         _prepare_class_dir(os.path.join(root, name))
-        result.append((name, generate_class(kind_of(name, position), _class_rng(seed, name), *counts, size)))
+        result.append((name, generate_class(kind, _class_rng(seed, name), *counts, size)))
     return result
+
+
+def _csv_objects(path: str) -> set[str]:
+    """The object names listed in a 1cls.csv file."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row.get("object", "") for row in csv.DictReader(handle)}
+
+
+def _drop_stale_split_csv(root: str, classes: Sequence[str]) -> None:
+    """Remove ROOT/split_csv/1cls.csv if it lists only classes just rewritten in MVTec layout (their VisA
+    files are gone), so that `dataset visa` on ROOT detects the MVTec layout; a CSV listing others stays."""
+    path = os.path.join(root, VISA_SPLIT_CSV)
+    if not os.path.isfile(path) or not _csv_objects(path) <= set(classes):
+        return
+    os.remove(path)
+    folder = os.path.dirname(path)
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def make_dataset(
@@ -330,10 +370,17 @@ def make_dataset(
     n_test_defect: int = 10,
     size: int = 128,
     seed: int = 0,
+    kinds: Sequence[str] | None = None,
 ) -> None:
-    """Write a synthetic dataset in MVTec AD layout under root (deterministic for a seed)."""
+    """Write a synthetic dataset in MVTec AD layout under root (deterministic for a seed).
+
+    kinds: the look ("texture" or "object") of each class, in class order; None: kind_of(). The root also
+    works as MVTec-layout VisA (a 1cls.csv this generator left for only these classes is removed).
+    """
     root = os.fspath(root)
-    for name, records in _generated_classes(root, classes, (n_train, n_test_good, n_test_defect), size, seed):
+    generated = _generated_classes(root, classes, (n_train, n_test_good, n_test_defect), size, seed, kinds)
+    _drop_stale_split_csv(root, classes)
+    for name, records in generated:
         counters: dict[tuple[str, str], int] = {}
         for record in records:
             index = counters.get((record.split, record.defect), 0)
@@ -351,12 +398,13 @@ def make_visa_dataset(
     n_test_defect: int = 10,
     size: int = 128,
     seed: int = 0,
+    kinds: Sequence[str] | None = None,
 ) -> None:
     """Write a synthetic dataset in prepared-VisA layout: CLASS/Data/{Images,Masks}/... and (re)write
-    split_csv/1cls.csv listing only these classes (deterministic for a seed)."""
+    split_csv/1cls.csv listing only these classes (deterministic for a seed); kinds as in make_dataset."""
     root = os.fspath(root)
     rows: list[dict[str, str]] = []
-    for name, records in _generated_classes(root, classes, (n_train, n_test_good, n_test_defect), size, seed):
+    for name, records in _generated_classes(root, classes, (n_train, n_test_good, n_test_defect), size, seed, kinds):
         counters = {"Normal": 0, "Anomaly": 0}
         for record in records:
             folder = "Normal" if record.mask is None else "Anomaly"
@@ -386,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("root", help="output folder (class folders are created inside)")
     parser.add_argument("--classes", nargs="+", default=["texture", "object"],
                         help="class names; a name starting with texture/object picks that look")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                        help="look of each class, one per --classes name (default: from the name / alternating)")
     parser.add_argument("--n_train", type=int, default=40)
     parser.add_argument("--n_test_good", type=int, default=10)
     parser.add_argument("--n_test_defect", type=int, default=10, help="defect images per class, spread over types")
@@ -393,8 +443,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("mvtec", "visa"), default="mvtec")
     args = parser.parse_args(argv)
+    if args.kinds is not None and len(args.kinds) != len(args.classes):
+        parser.error(f"--kinds needs one look per class: {len(args.classes)} classes, {len(args.kinds)} kinds")
     writer = make_dataset if args.layout == "mvtec" else make_visa_dataset
-    writer(args.root, args.classes, args.n_train, args.n_test_good, args.n_test_defect, args.size, args.seed)
+    writer(args.root, args.classes, args.n_train, args.n_test_good, args.n_test_defect, args.size, args.seed,
+           kinds=args.kinds)
     print(f"wrote {args.layout} layout classes {', '.join(args.classes)} under {args.root}")
 
 

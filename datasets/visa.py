@@ -1,4 +1,10 @@
-"""Sample lists for VisA after its standard preparation (ROOT/split_csv/1cls.csv, paths relative to ROOT)."""
+"""Sample lists for VisA after its standard preparation (ROOT/split_csv/1cls.csv, paths relative to ROOT).
+
+VisA is accepted in two layouts, chosen by detect_layout from what is on disk:
+- LAYOUT_SPLIT_CSV: ROOT/split_csv/1cls.csv exists (the PBAS release's loader; masks binarised > 0);
+- LAYOUT_MVTEC: ROOT/CLASS/train and ROOT/CLASS/test exist (the spot-diff 1cls conversion to MVTec layout
+  that the CRAS release reads with its MVTec loader; masks kept as read, fractional edges included).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ import os
 
 import pandas as pd
 
-from datasets.base import GOOD, DatasetError, Sample, list_subfolders
+from datasets.base import GOOD, LAYOUT_MVTEC, LAYOUT_SPLIT_CSV, DatasetError, Sample, list_subfolders
+from datasets.mvtec import TEST_DIR, TRAIN_DIR
 
 SPLIT_DIR = "split_csv"
 SPLIT_CSV = os.path.join(SPLIT_DIR, "1cls.csv")
@@ -15,6 +22,31 @@ NORMAL = "normal"
 ANOMALY = "anomaly"
 ANOMALY_DEFECT = "bad"  # defect name given to VisA anomalies (VisA has no per-type folders)
 _PREPARE_HINT = "run VisA's standard preparation script prepare_data.py (split type 1cls) to produce it"
+
+
+def _is_mvtec_class(root: str, classname: str) -> bool:
+    """True if ROOT/CLASS is a folder holding train/ and test/ folders (MVTec layout)."""
+    class_path = os.path.join(root, classname)
+    return all(os.path.isdir(os.path.join(class_path, split)) for split in (TRAIN_DIR, TEST_DIR))
+
+
+def detect_layout(root: str, classname: str) -> str:
+    """LAYOUT_SPLIT_CSV if ROOT/split_csv/1cls.csv exists, else LAYOUT_MVTEC if ROOT/CLASS has train/ and
+    test/, else a DatasetError naming both accepted layouts and the paths looked for."""
+    csv_path = os.path.join(root, SPLIT_CSV)
+    if os.path.isfile(csv_path):
+        return LAYOUT_SPLIT_CSV
+    if _is_mvtec_class(root, classname):
+        return LAYOUT_MVTEC
+    class_path = os.path.join(root, classname)
+    folders = ", ".join(name for name in list_subfolders(root) if name != SPLIT_DIR) or "none"
+    raise DatasetError(
+        f"VisA root '{root}' is in neither accepted layout: no split file '{csv_path}' (split_csv/1cls.csv) "
+        f"and no class folder '{class_path}' with train/ and test/ (MVTec-layout conversion, "
+        f"ROOT/CLASS/train/good, ROOT/CLASS/test/DEFECT, ROOT/CLASS/ground_truth/DEFECT); class folders under "
+        f"'{root}': {folders}. Either {_PREPARE_HINT}, or point DATAPATH to the MVTec-layout VisA root "
+        "and check the class name."
+    )
 
 
 def read_split_csv(root: str) -> tuple[pd.DataFrame, str]:

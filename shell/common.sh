@@ -1,10 +1,10 @@
 # Shared by the run-*.sh scripts: resolve paths, then run main.py from the repository root
-# with the release's configuration (spec section 8).
+# with the release's configuration: run_release (PBAS, PBAS_SPEC section 8), run_cras (CRAS, CRAS_SPEC 1.3).
 #   DATAPATH   dataset root (required)
 #   TEST       ckpt (train, then test; default) or test (evaluate saved checkpoints only)
 #   GPU        GPU id (default 0; the CPU is used when CUDA is unavailable)
 #   RESULTS    results folder (default: results/ in the repository)
-#   EPOCHS     training epochs (default 640, the release)
+#   EPOCHS     training epochs (default: PBAS 640; CRAS 100 multi, 640 single, as the releases)
 # Extra arguments to the script are passed to main.py before the subcommands (e.g. --precision bf16).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,4 +22,23 @@ run_release() {  # run_release DATASET CLASS...
         --target_embed_dimension 1536 --patchsize 3 --meta_epochs "${EPOCHS:-640}" --eval_epochs 1 \
         --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25 \
     dataset --batch_size 8 --resize 288 --imagesize 288 "${classes[@]}" "$dataset" "$DATAPATH"
+}
+
+run_cras() {  # run_cras DATASET multi|single CLASS...   (CRAS release: multi bs 32 / 100 epochs, single bs 8 / 640)
+  local dataset="$1" setting="$2"; shift 2
+  local epochs batch
+  case "$setting" in
+    multi) epochs=100; batch=32 ;;
+    single) epochs=640; batch=8 ;;
+    *) echo "run_cras: setting must be multi or single, got '$setting'" >&2; return 2 ;;
+  esac
+  local classes=()
+  for c in "$@"; do classes+=(-d "$c"); done
+  python3 main.py --method cras --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" \
+      "${EXTRA_ARGS[@]}" \
+    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 --target_embed_dimension 1536 \
+        --patchsize 3 --meta_epochs "${EPOCHS:-$epochs}" --eval_epochs 1 --dsc_layers 3 --pre_proj 1 \
+        --noise 0.015 --k 0.3 --limit -1 \
+    dataset --setting "$setting" --batch_size "$batch" --resize 329 --imagesize 288 "${classes[@]}" \
+        "$dataset" "$DATAPATH"
 }

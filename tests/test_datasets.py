@@ -25,7 +25,7 @@ from datasets import (
     load_image,
     load_mask,
 )
-from datasets.synthetic import MARKER_FILE, main, make_dataset
+from datasets.synthetic import DEFECT_TYPES, MARKER_FILE, class_kinds, main, make_dataset, make_visa_dataset
 
 SIZE = 64  # image size of the conftest fixtures
 N_TRAIN, N_GOOD, N_DEFECT = 8, 3, 4  # counts of the conftest fixtures
@@ -47,9 +47,10 @@ def _expected_normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- constants
 
 def test_class_lists_and_names() -> None:
-    assert DATASET_NAMES == ("mvtec", "visa", "mpdd")
-    assert list(CLASSES) == ["mvtec", "visa", "mpdd"]
-    assert [len(CLASSES[name]) for name in DATASET_NAMES] == [15, 12, 6]
+    assert DATASET_NAMES == ("mvtec", "visa", "mpdd", "itdd")
+    assert list(CLASSES) == ["mvtec", "visa", "mpdd", "itdd"]
+    assert [len(CLASSES[name]) for name in DATASET_NAMES] == [15, 12, 6, 4]
+    assert CLASSES["itdd"] == ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")
     assert CLASSES["mvtec"][:5] == ("carpet", "grid", "leather", "tile", "wood")
     assert CLASSES["mvtec"][-1] == "zipper" and CLASSES["visa"][-1] == "pipe_fryum"
     assert CLASSES["mpdd"] == ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
@@ -61,6 +62,9 @@ def test_effective_resize_rule() -> None:
     assert effective_resize("mvtec", "carpet", 300, 288) == 300
     assert effective_resize("mpdd", "wood", 300, 288) == 300
     assert effective_resize("visa", "toothbrush", 300, 288) == 300
+    assert effective_resize("itdd", "wood", 300, 288) == 300
+    assert effective_resize("mvtec", "wood", 329, 288, class_resize_rule=False) == 329
+    assert effective_resize("mvtec", "toothbrush", 300, 288, False) == 300
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -147,6 +151,16 @@ def test_wood_and_toothbrush_resize_rule_applied(mvtec_root: Path, tmp_path: Pat
     assert build_datasets("mpdd", tmp_path, "wood", 100, SIZE)[0].resize == 100
 
 
+def test_class_resize_rule_off_keeps_given_resize(mvtec_root: Path, tmp_path: Path) -> None:
+    for classname in ("wood", "toothbrush"):
+        shutil.copytree(mvtec_root / "texture", tmp_path / classname)
+        train, test = build_datasets("mvtec", tmp_path, classname, 100, SIZE, class_resize_rule=False)
+        assert train.resize == test.resize == 100
+        assert build_datasets("mvtec", tmp_path, classname, 100, SIZE, class_resize_rule=True)[0].resize == 73
+    image = build_datasets("mvtec", tmp_path, "wood", 100, SIZE, class_resize_rule=False)[1][0]["image"]
+    assert image.shape == (3, SIZE, SIZE)
+
+
 def test_default_collate_batches(mvtec_root: Path) -> None:
     _, test = build_datasets("mvtec", mvtec_root, "texture", SIZE, SIZE)
     batch = next(iter(torch.utils.data.DataLoader(test, batch_size=4)))
@@ -155,10 +169,26 @@ def test_default_collate_batches(mvtec_root: Path) -> None:
     assert batch["defect"] == [s.defect for s in test.samples[:4]]
 
 
+# ----------------------------------------------------------------------------- ITDD
+
+def test_itdd_named_dataset_loads(tmp_path: Path) -> None:
+    main([str(tmp_path), "--classes", *CLASSES["itdd"], "--kinds", "texture", "texture", "texture", "object",
+          "--n_train", "2", "--n_test_good", "1", "--n_test_defect", "3", "--size", "32"])
+    for classname, kind in zip(CLASSES["itdd"], ("texture", "texture", "texture", "object")):
+        train, test = build_datasets("itdd", tmp_path, classname, 32, 32)
+        assert (train.dataset, train.classname, train.layout, train.binarize_mask) == ("itdd", classname, "mvtec", False)
+        assert len(train) == 2 and sorted(s.is_anomaly for s in test.samples) == [0, 1, 1, 1]
+        assert {s.defect for s in test.samples} == {"good", *DEFECT_TYPES[kind]}
+        assert test[0]["mask"].shape == (1, 32, 32) and test[0]["mask"].any()
+    message = _error(build_datasets, "itdd", tmp_path, "cotton", 32, 32)
+    assert str(tmp_path / "cotton") in message and ", ".join(CLASSES["itdd"]) in message
+
+
 # ----------------------------------------------------------------------------- VisA layout
 
 def test_visa_samples_and_binary_masks(visa_root: Path) -> None:
     train, test = build_datasets("visa", visa_root, "object", 72, SIZE)
+    assert train.layout == test.layout == "split_csv" and test.binarize_mask
     assert len(train) == N_TRAIN and len(test) == N_GOOD + N_DEFECT and train.resize == 72
     assert [s.is_anomaly for s in test.samples] == [0] * N_GOOD + [1] * N_DEFECT
     assert {s.defect for s in test.samples} == {"good", "bad"}
@@ -166,6 +196,36 @@ def test_visa_samples_and_binary_masks(visa_root: Path) -> None:
     masks = torch.stack([test[i]["mask"] for i in range(len(test))])  # [N, 1, S, S]
     assert set(masks.unique().tolist()) == {0.0, 1.0}
     assert not masks[:N_GOOD].any() and masks[N_GOOD:].flatten(1).any(dim=1).all()
+
+
+def test_visa_mvtec_layout_keeps_fractional_masks(mvtec_root: Path) -> None:
+    train, test = build_datasets("visa", mvtec_root, "object", 72, SIZE)  # no split_csv/: MVTec conversion
+    assert train.layout == test.layout == "mvtec" and not test.binarize_mask
+    assert (train.dataset, train.resize) == ("visa", 72)
+    assert len(train) == N_TRAIN and len(test) == N_GOOD + N_DEFECT
+    assert {s.defect: s.is_anomaly for s in test.samples} == {"discolor": 1, "good": 0, "missing": 1, "scratch": 1}
+    masks = torch.stack([test[i]["mask"] for i in range(len(test))])  # [N, 1, S, S]
+    assert ((masks > 0) & (masks < 1)).any()  # not binarised
+    _, reference = build_datasets("mvtec", mvtec_root, "object", 72, SIZE)
+    assert [s.image_path for s in test.samples] == [s.image_path for s in reference.samples]
+    assert torch.equal(masks, torch.stack([reference[i]["mask"] for i in range(len(reference))]))
+    assert [test[i]["is_anomaly"] for i in range(len(test))] == [s.is_anomaly for s in reference.samples]
+
+
+def test_visa_split_csv_wins_over_class_folders(visa_copy: Path) -> None:
+    for split in ("train", "test"):
+        (visa_copy / "object" / split).mkdir()
+    train, test = build_datasets("visa", visa_copy, "object", 72, SIZE)
+    assert train.layout == "split_csv" and test.binarize_mask and len(train) == N_TRAIN
+
+
+def test_visa_neither_layout(visa_copy: Path) -> None:
+    os.remove(visa_copy / "split_csv/1cls.csv")  # class folders hold Data/, not train/ and test/
+    message = _error(build_datasets, "visa", visa_copy, "object", SIZE, SIZE)
+    assert str(visa_copy / "split_csv/1cls.csv") in message and "split_csv/1cls.csv" in message
+    assert str(visa_copy / "object") in message and "train/ and test/" in message and "object, texture" in message
+    (visa_copy / "object/train").mkdir()  # train/ alone is not the MVTec layout
+    assert "train/ and test/" in _error(build_datasets, "visa", visa_copy, "object", SIZE, SIZE)
 
 
 def test_visa_low_valued_mask_is_binarised(visa_copy: Path) -> None:
@@ -321,6 +381,32 @@ def test_synthetic_layout_masks_and_variation(mvtec_root: Path) -> None:
             assert set(np.unique(values)) == {0, 255} and 0.015 <= (values > 0).mean() <= 0.15
         goods = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted((class_dir / "train/good").glob("*.png"))]
         assert np.abs(goods[0] - goods[1]).mean() > 2.0  # normal images vary
+
+
+def test_synthetic_kinds_choose_the_look(tmp_path: Path) -> None:
+    counts = {"n_train": 1, "n_test_good": 1, "n_test_defect": 3, "size": 32}
+    make_dataset(tmp_path, classes=("texture", "hemp_fabric"), kinds=("object", "texture"), **counts)
+    for classname, kind in (("texture", "object"), ("hemp_fabric", "texture")):
+        assert sorted(p.name for p in (tmp_path / classname / "ground_truth").iterdir()) == sorted(DEFECT_TYPES[kind])
+    assert class_kinds(("texture", "a", "b")) == ["texture", "object", "texture"]  # default: name, else position
+    with pytest.raises(ValueError):
+        class_kinds(("a", "b"), ("texture",))
+    with pytest.raises(ValueError):
+        class_kinds(("a",), ("fabric",))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "cli"), "--classes", "a", "b", "--kinds", "object"])
+
+
+def test_synthetic_mvtec_over_generated_visa_is_read_as_mvtec_layout(tmp_path: Path) -> None:
+    counts = {"n_train": 2, "n_test_good": 1, "n_test_defect": 2, "size": 32}
+    make_visa_dataset(tmp_path / "own", classes=("texture", "object"), **counts)
+    make_dataset(tmp_path / "own", classes=("texture", "object"), **counts)
+    assert not (tmp_path / "own/split_csv").exists()
+    train, test = build_datasets("visa", tmp_path / "own", "texture", 32, 32)
+    assert train.layout == "mvtec" and len(train) == 2 and len(test) == 3
+    make_visa_dataset(tmp_path / "mixed", classes=("texture", "object"), **counts)
+    make_dataset(tmp_path / "mixed", classes=("texture",), **counts)  # 1cls.csv also lists 'object': kept
+    assert (tmp_path / "mixed/split_csv/1cls.csv").is_file()
 
 
 def test_synthetic_rerun_and_foreign_folder(tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ def exported(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_onnx_matches_pytorch(exported: Path, trained_checkpoint: Path):
-    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"))
-    reference = inference.PBASInference(model).eval()
+    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"), main.METHODS)
+    reference = inference.ExportGraph(model.graph()).eval()
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(inference.ONNX_INPUTS)
     assert [o.name for o in session.get_outputs()] == list(inference.ONNX_OUTPUTS)
@@ -66,6 +66,6 @@ def test_export_rejects_a_corrupt_checkpoint_and_a_folder(trained_checkpoint: Pa
     bad.write_bytes(b"\x80\x02not a checkpoint")
     capsys.readouterr()
     assert main.cli(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "m.onnx")]) == 2
-    assert "not a readable PBAS checkpoint" in capsys.readouterr().err
+    assert "not a readable checkpoint" in capsys.readouterr().err
     assert main.cli(["export", "--checkpoint", str(trained_checkpoint), "--output", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err

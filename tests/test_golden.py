@@ -1,5 +1,5 @@
-"""The golden vectors of ../shared/golden (copied to tests/golden), produced by the authors' released code
-on CPU in float32, reproduced by this project's code."""
+"""The golden vectors of ../shared/golden (copied to tests/golden), produced by the authors' released PBAS and
+CRAS code on CPU in float32, reproduced by this project's code."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cras
 import metrics
 import pbas
 from common import PatchEmbedder, anomaly_maps, gaussian_blur
@@ -45,32 +46,32 @@ def test_vectorised_center_update_equals_sequential_loop():
     torch.testing.assert_close(pbas.update_center(center, a, idx), expected, atol=1e-6, rtol=0)
 
 
-class _Heads(pbas.PBAS):
-    """PBAS without a backbone: the training step only sees patch features."""
-
-    def __init__(self, config: pbas.PBASConfig, center: torch.Tensor):
-        torch.nn.Module.__init__(self)
-        self.config, self.precision = config, "fp32"
-        dim = config.target_embed_dimension
-        self.projector = pbas.Projection(dim, config.pre_proj)
-        self.discriminator = pbas.Discriminator(dim, config.dsc_layers, config.dsc_hidden)
-        self.register_buffer("center", center.clone())
-
-
-def _golden_heads() -> tuple[dict, _Heads]:
+def _golden_pbas() -> tuple[dict, pbas.PBAS, list[torch.optim.Optimizer]]:
     g = golden("train_step")
     dim = g["features"].shape[1]
     hidden = g["init"]["discriminator"]["body.block1.0.weight"].shape[0]
     config = pbas.PBASConfig(pretrain_embed_dimension=dim, target_embed_dimension=dim, dsc_hidden=hidden, k=g["k"], lr=g["lr"])
-    model = _Heads(config, g["center"])
+    model = pbas.PBAS(config)
+    model.center = g["center"].clone()
     model.projector.load_state_dict(g["init"]["projection"])  # the release's key names load unchanged
     model.discriminator.load_state_dict(g["init"]["discriminator"])
-    model.build_optimizers()
-    return g, model
+    model.train()
+    return g, model, model.make_optimizers()
+
+
+def _one_step(model, optimizers, feats, labels, positions, noise=None) -> dict:
+    """One optimisation step as the engine takes it (engine.train_epoch)."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss, stats = model.loss(feats, labels, positions, noise=noise)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return stats
 
 
 def test_golden_training_step_forward():
-    g, model = _golden_heads()
+    g, model, _ = _golden_pbas()
     u = model.projector(g["features"])
     svdd, fake, idx = model.synthesize(u)
     assert torch.equal(idx, g["nearest_center"])
@@ -88,8 +89,9 @@ def test_golden_training_step_updates():
     gradient of exactly zero (BatchNorm removes any constant shift), so in the reference its update is float
     rounding noise divided by Adam's tiny second moment, which no other implementation can reproduce bit for
     bit. For it we check what is determined: a vanishing gradient and an update within Adam's +-lr bound."""
-    g, model = _golden_heads()
-    stats = model.train_step(g["features"])
+    g, model, optimizers = _golden_pbas()
+    positions = len(g["center"])
+    stats = _one_step(model, optimizers, g["features"], torch.zeros(len(g["features"]) // positions, dtype=torch.long), positions)
     for key in ("svdd_loss", "true_loss", "fake_loss"):
         assert stats[key].item() == pytest.approx(g[key].item(), abs=ATOL)
     pre_bn_bias = "body.block1.0.bias"
@@ -104,6 +106,91 @@ def test_golden_training_step_updates():
                 assert (expected - init).abs().max() <= step * 1.01
                 continue
             torch.testing.assert_close(value.float(), expected.float(), atol=1e-6, rtol=0, msg=f"{name}.{key}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CRAS (golden/cras_*.pt: the release's CRAS._train_discriminator and CRAS._predict, D = 32, 16 patches, 3 classes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cras(dim: int, num_classes: int, **config) -> cras.CRAS:
+    return cras.CRAS(cras.CRASConfig(pretrain_embed_dimension=dim, target_embed_dimension=dim, **config), num_classes)
+
+
+def test_golden_cras_center_banks():
+    g = golden("cras_center")
+    batches = g["embedded_batches"]
+    dim = batches[g["classes"][0]][0].shape[-1]
+    model = _cras(dim, len(g["classes"]))
+    model.projector.load_state_dict(g["projection"])
+    positions = batches[g["classes"][0]][0].shape[1]
+    model.initialize(lambda c: (b.reshape(-1, dim) for b in batches[g["classes"][c]]), positions)
+    torch.testing.assert_close(model.center, g["center_bank"], atol=ATOL, rtol=0)
+
+
+def _golden_cras_step() -> tuple[dict, cras.CRAS, list[torch.optim.Optimizer]]:
+    g = golden("cras_step")
+    model = _cras(g["features"].shape[1], len(g["classes"]), k=g["k"], lr=g["lr"], noise=g["noise_std"])
+    model.projector.load_state_dict(g["init"]["projection"])
+    model.discriminator.load_state_dict(g["init"]["discriminator"])
+    model.center = g["center_bank"].clone()
+    model.train()
+    return g, model, model.make_optimizers()
+
+
+def test_golden_cras_step_forward():
+    g, model, _ = _golden_cras_step()
+    positions = g["center_bank"].shape[1]
+    x = model.project(g["features"])
+    c = model.nearest(x.reshape(len(g["labels"]), positions, -1), g["labels"]).reshape_as(x)
+    bank = g["center_bank"][g["labels"]]  # the chosen centers are bank rows at the golden indices
+    expected_c = torch.gather(bank, 1, g["nearest_center"].unsqueeze(-1).expand(-1, -1, bank.shape[-1])).reshape_as(x)
+    torch.testing.assert_close(c, expected_c, atol=0, rtol=0)
+    fake, alpha = model.synthesize(x, c, g["noise"])
+    torch.testing.assert_close(alpha, g["scale"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fake, g["fake"], atol=ATOL, rtol=0)
+
+
+def test_golden_cras_step_updates_both_optimizers():
+    """AdamW on P and Adam(weight_decay 1e-5) on D after one step with the release's noise draw."""
+    g, model, optimizers = _golden_cras_step()
+    _one_step(model, optimizers, g["features"], g["labels"], g["center_bank"].shape[1], noise=g["noise"])
+    for name, module in (("projection", model.projector), ("discriminator", model.discriminator)):
+        state = module.state_dict()
+        assert set(state) == set(g["after"][name])
+        for key, value in state.items():
+            torch.testing.assert_close(value.float(), g["after"][name][key].float(), atol=1e-6, rtol=0, msg=f"{name}.{key}")
+            if key.endswith("weight"):  # the step really changed the parameters the golden file changed
+                assert torch.equal(value, g["init"][name][key]) == torch.equal(g["after"][name][key], g["init"][name][key])
+
+
+def test_golden_cras_prediction_with_the_batch_vote():
+    g = golden("cras_predict")
+    dim = g["features"].shape[1]
+    model = _cras(dim, len(g["center_bank"]), imagesize=g["image_size"])
+    model.projector.load_state_dict(g["state"]["projection"])
+    model.discriminator.load_state_dict(g["state"]["discriminator"])
+    model.center = g["center_bank"]
+    side = int(round(g["center_bank"].shape[1] ** 0.5))
+    scores, maps, _ = model.score(g["features"], (side, side))
+    torch.testing.assert_close(scores, g["image_scores"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(maps, g["anomaly_maps"], atol=ATOL, rtol=0)
+
+
+def test_cras_batch_vote_depends_on_the_batch_and_image_vote_does_not():
+    """With class_vote 'batch' an image's class (and score) follows its batch's majority; with 'image' it does not."""
+    torch.manual_seed(0)
+    dim, positions = 8, 4
+    model = _cras(dim, 2, imagesize=8)
+    model.center = torch.stack([torch.randn(positions, dim) + 3, torch.randn(positions, dim) - 3])
+    near = lambda c, n: model.center[c].repeat(n, 1) + 0.01 * torch.randn(n * positions, dim)
+    feats = torch.cat([near(0, 1), near(1, 3)])  # one image of class 0 in a batch of three class-1 images
+    model.projector = torch.nn.Identity()
+    _, _, batch_classes = model.score(feats, (2, 2))
+    assert batch_classes.tolist() == [1, 1, 1, 1]
+    model.config.class_vote = "image"
+    _, _, own = model.score(feats, (2, 2))
+    assert own.tolist() == [0, 1, 1, 1]
 
 
 def test_golden_scoring():

@@ -12,10 +12,10 @@ from PIL import Image
 from torchvision import transforms
 
 import datasets
+import engine
 import inference
 import main
 import metrics
-import pbas
 from conftest import TRAINED_CLASS as CLASS_NAME, TRAINED_IMAGESIZE as IMAGESIZE
 
 ATOL = 1e-5
@@ -34,10 +34,12 @@ def read_predictions(output: Path) -> dict[str, dict[str, str]]:
 
 def reference_scores(checkpoint: Path, mvtec_root: Path, split: int) -> tuple[datasets.AnomalyDataset, torch.Tensor]:
     """Image scores of the train (0) or test (1) set the way training and ``--test test`` compute them."""
-    model, ckpt = inference.load_model(str(checkpoint), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    model, ckpt = inference.load_model(str(checkpoint), cpu, main.METHODS)
     sets = datasets.build_datasets("mvtec", str(mvtec_root), CLASS_NAME, ckpt["config"]["resize"], IMAGESIZE)
-    source = pbas.FeatureSource(model, sets[split], batch_size=4, num_workers=0, device=torch.device("cpu"), cache="off")
-    scores, _ = pbas.predict(model, source)
+    source = engine.FeatureSource(model.encoder, sets[split], batch_size=4, num_workers=0, device=cpu, cache="off",
+                                  grid=model.encoder.grid(IMAGESIZE, cpu))
+    scores, _, _ = engine.predict(model.method, source)
     return sets[split], scores
 
 
@@ -64,7 +66,7 @@ def test_predict_reproduces_test_scores_and_auroc(trained_checkpoint: Path, mvte
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     labels = torch.tensor([s.is_anomaly for s in test_set.samples])
     ckpt = torch.load(trained_checkpoint, weights_only=False)
-    assert metrics.auroc(got, labels) == ckpt["best"]["metrics"]["image_auroc"]
+    assert metrics.auroc(got, labels) == ckpt["best"]["metrics"][f"mvtec_{CLASS_NAME}"]["image_auroc"]
     for sample in test_set.samples:
         row = rows[sample.image_path]
         for column in ("overlay", "mask"):
@@ -81,7 +83,7 @@ def test_auto_thresholds_follow_the_documented_rule(trained_checkpoint: Path, mv
     out = tmp_path / "out"
     assert predict_cli(trained_checkpoint, out, mvtec_root / CLASS_NAME / "train") == 0
     rows = read_predictions(out)
-    normal = torch.load(trained_checkpoint, weights_only=False)["normal_scores"]
+    normal = torch.load(trained_checkpoint, weights_only=False)["normal_scores"][f"mvtec_{CLASS_NAME}"]
     train_set, want = reference_scores(trained_checkpoint, mvtec_root, 0)
     got = torch.tensor([float(rows[s.image_path]["image_score"]) for s in train_set.samples])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -203,17 +205,17 @@ def test_corrupt_checkpoint_is_rejected(trained_checkpoint: Path, mvtec_root: Pa
     bad.write_bytes(np.random.default_rng(1).bytes(5000))
     capsys.readouterr()
     assert predict_cli(bad, tmp_path / "out", mvtec_root / CLASS_NAME / "test") == 2
-    one_line_error(capsys, str(bad), "not a readable PBAS checkpoint")
+    one_line_error(capsys, str(bad), "not a readable checkpoint")
     assert predict_cli(tmp_path / "missing.pt", tmp_path / "out", mvtec_root / CLASS_NAME / "test") == 2
     one_line_error(capsys, "no checkpoint")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change,words", [
-    (lambda c: c["config"]["net"].update(dsc_hidden=16), ("does not match its configuration", "size mismatch")),
-    (lambda c: c["config"]["net"].update(target_embed_dimension=32), ("does not match its configuration",)),
+    (lambda c: c["config"]["net"].update(dsc_hidden=16), ("does not match the configuration", "size mismatch")),
+    (lambda c: c["config"]["net"].update(target_embed_dimension=32), ("does not match the configuration",)),
     (lambda c: c.update(complete=False), ("unfinished",)),
-    (lambda c: c.update(format=99), ("not a PBAS checkpoint",)),
+    (lambda c: c.update(format=99), ("checkpoint format",)),
 ])
 def test_checkpoint_that_does_not_fit_is_rejected(trained_checkpoint: Path, mvtec_root: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture, change, words):

@@ -1,0 +1,168 @@
+"""CRAS, the method (CRAS_SPEC section 2): per-class center banks, residual synthesis, class-aware scoring.
+
+Reading order:
+    CRASConfig        its hyper-parameters, released defaults
+    class_centers     the center bank of one class: mean of batch means of P(E(x)) (section 2.4)
+    residual_scale    the per-patch noise scale alpha of the distance-guided synthesis (section 2.5, step 4)
+    CRAS              P + D + the banks [C, H*W, D]: initialize (2.4), loss (2.5-2.7), patch_scores (2.8)
+
+Everything else (features, batches, the fit loop, evaluation, checkpoints) is the engine's
+(``engine.py``); nothing here touches the file system.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax
+
+DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # Adam on D (cras.py: load); P uses AdamW's default 0.01
+P_MARGIN = 0.5  # the release's p_true / p_fake logging threshold
+CLASS_VOTES = ("batch", "image")
+NOISE_DEVICES = ("cpu", "device")
+
+
+@dataclass
+class CRASConfig(MethodConfig):
+    """CRAS's configuration; defaults are the released scripts' (spec 1.2-1.3)."""
+
+    meta_epochs: int = 100
+    k: float = 0.3
+    imagesize: int = 288
+    batch_size: int = 32
+    dsc_layers: int = 3
+    noise: float = 0.015  # std of the Gaussian residual noise
+    class_vote: str = "batch"  # test-time class: majority of the batch (release) or each image's own
+    noise_device: str = "cpu"  # where the noise is drawn: the CPU generator (release) or the compute device
+
+
+def discriminator_widths(dim: int, dsc_layers: int) -> list[int]:
+    """Hidden widths of CRAS's D on [x, x - c]: halving from 2*dim, dsc_layers - 1 blocks (3072 -> 1536 -> 768)."""
+    return [2 * dim // 2 ** (i + 1) for i in range(dsc_layers - 1)]
+
+
+def class_centers(projected_batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The bank of one class: the mean over batches of each batch's mean over images (spec 2.4).
+
+    projected_batches: P(E(x)) per batch [b, H*W, D] -> [H*W, D] (the last, smaller batch weighs as much as the others)
+    """
+    total, count = None, 0
+    for batch in projected_batches:
+        m = batch.float().mean(0)  # [H*W, D]
+        total = m if total is None else total + m
+        count += 1
+    if total is None:
+        raise ValueError("center initialization needs at least one training batch per class")
+    return total / count
+
+
+def residual_scale(dist: torch.Tensor, noise_norm: torch.Tensor, k: float) -> torch.Tensor:
+    """alpha_j = (s_j - 1) k + 1 with s_j = r_j / mean(r), r_j = ||eps_j|| / d_j (spec 2.5 step 4). [N] -> [N]."""
+    r = noise_norm / dist
+    return (r / r.mean() - 1) * k + 1
+
+
+class CRAS(Method):
+    """P + D on the residual [x, x - c] + one center bank [H*W, D] per class (``center`` [C, H*W, D])."""
+
+    name = "cras"
+    Config = CRASConfig
+    class_resize_rule = False  # resize 329 + crop 288 for every class
+    needs_center_to_score = True
+
+    def __init__(self, config: CRASConfig, num_classes: int, precision: str = "fp32"):
+        super().__init__(config, num_classes, precision)
+        dim = config.target_embed_dimension
+        self.projector = Projection(dim, config.pre_proj) if config.pre_proj > 0 else torch.nn.Identity()
+        self.discriminator = Discriminator(2 * dim, discriminator_widths(dim, config.dsc_layers))
+        self.register_buffer("center", torch.zeros(num_classes, 0, dim))
+        self.noise_generator = torch.Generator()  # seed_streams seeds it (and moves it with noise_device='device')
+
+    # -- centers (spec 2.4) -----------------------------------------------------------------------
+    def initialize(self, class_batches: Callable[[int], Iterable[torch.Tensor]], positions: int) -> None:
+        """One bank per class from its own shuffled pass, with the untrained projector."""
+        with torch.no_grad():
+            banks = [class_centers(self.project(f).reshape(-1, positions, f.shape[-1]) for f in class_batches(c))
+                     for c in range(self.num_classes)]
+        self.center = torch.stack(banks)  # [C, H*W, D]
+
+    def seed_streams(self, seed: int, device: torch.device) -> None:
+        """The noise generator: on the CPU (the release's stream, copied to the device each step) or on ``device``."""
+        where = device if self.config.noise_device == "device" else torch.device("cpu")
+        self.noise_generator = torch.Generator(device=where).manual_seed(seed)
+
+    def make_optimizers(self) -> list[torch.optim.Optimizer]:
+        cfg = self.config
+        opts: list[torch.optim.Optimizer] = []
+        if cfg.pre_proj > 0:
+            opts.append(torch.optim.AdamW(self.projector.parameters(), lr=cfg.lr))
+        opts.append(torch.optim.Adam(self.discriminator.parameters(), lr=2 * cfg.lr, weight_decay=DISCRIMINATOR_WEIGHT_DECAY))
+        return opts
+
+    def nearest(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The most cosine-similar center of each patch within its image's class bank (spec 2.5 step 3).
+
+        x [B, H*W, D], classes [B] -> c [B, H*W, D]
+        """
+        bank = self.center[classes]  # [B, H*W, D]
+        idx = cosine_argmax(x, bank)  # [B, H*W]
+        return torch.gather(bank, 1, idx.unsqueeze(-1).expand(-1, -1, bank.shape[-1]))
+
+    def draw_noise(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """eps ~ N(0, noise^2), drawn from the method's generator (on the CPU by default, as the release)."""
+        eps = torch.normal(0.0, self.config.noise, shape, generator=self.noise_generator,
+                           device=self.noise_generator.device)
+        return eps.to(device, non_blocking=True)
+
+    # -- one training step (spec 2.5-2.6) ---------------------------------------------------------
+    def synthesize(self, x: torch.Tensor, c: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance-guided residual synthesis, float32: x, c, noise [N, D] -> (x_fake [N, D], alpha [N])."""
+        alpha = residual_scale((x - c).norm(dim=1), noise.norm(dim=1), self.config.k)
+        return x + (alpha.unsqueeze(1) * noise).detach(), alpha
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor, positions: int,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
+        """BCE(D([x, x-c]), 0) + BCE(D([x~, x~-c]), 1) with c from the ground-truth class's bank.
+
+        feats [B*H*W, D], labels [B]; ``noise`` [B*H*W, D] replaces the method's own draw (golden tests).
+        """
+        x = self.project(feats)  # [N, D] float32
+        b = len(labels)
+        c = self.nearest(x.detach().reshape(b, positions, -1), labels).reshape_as(x)  # [N, D], constant
+        if noise is None:
+            noise = self.draw_noise(tuple(x.shape), x.device)
+        fake, _ = self.synthesize(x, c, noise)
+        scores = self.discriminate(torch.cat([torch.cat([x, x - c], 1), torch.cat([fake, fake - c], 1)]))  # [2N, 1]
+        true_scores, fake_scores = scores[: len(x)], scores[len(x):]
+        true_loss = F.binary_cross_entropy(true_scores, torch.zeros_like(true_scores))
+        fake_loss = F.binary_cross_entropy(fake_scores, torch.ones_like(fake_scores))
+        loss = true_loss + fake_loss
+        return loss, {
+            "loss": loss.detach(), "true_loss": true_loss.detach(), "fake_loss": fake_loss.detach(),
+            "p_true": (true_scores < P_MARGIN).float().mean(), "p_fake": (fake_scores >= P_MARGIN).float().mean(),
+        }
+
+    # -- scoring (spec 2.8) -------------------------------------------------------------------------
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's most cosine-similar bank as a whole; with class_vote 'batch', the batch's majority (torch.mode).
+
+        x [B, H*W, D] -> [B] int64
+        """
+        own = cosine_argmax(x.flatten(1), self.center.flatten(1))  # [B]
+        if self.config.class_vote == "batch":
+            return torch.mode(own).values.expand_as(own)
+        return own
+
+    @torch.no_grad()
+    def patch_scores(self, feats: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """D([x, x - c]) with c the nearest center in the chosen class's bank: [B*H*W, D] -> ([B, H, W], [B])."""
+        positions = grid[0] * grid[1]
+        x = self.project(feats)
+        xb = x.reshape(-1, positions, x.shape[-1])  # [B, H*W, D]
+        classes = self.classify(xb)
+        c = self.nearest(xb, classes).reshape_as(x)
+        s = self.discriminate(torch.cat([x, x - c], 1))
+        return s.reshape(-1, *grid), classes

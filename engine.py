@@ -1,0 +1,692 @@
+"""The shared pipeline of both methods: features and their cache, batches, the fit loop, evaluation,
+model selection, normal-score statistics, checkpoints and one job's run.
+
+Reading order:
+    Encoder, FeatureSource     images -> patch features [b*H*W, D], embedded once (cached) or per pass
+    batches_of, epoch_order    the batches of every pass (seeded, independent of caching and loaders)
+    TrainSet, ClassTest        a job's training features with class labels; each class's test set
+    initialize, train_epoch    centers (the method's rule), one epoch of the method's loss
+    evaluate, fit              per-class test metrics, best-epoch selection on mean I-AUROC + mean P-AUROC
+    checkpoints                the self-describing format: method, config, centers, best and last states
+    ReleasedWeights            the authors' ``center.pth`` + ``ckpt_best_N.pth`` folders
+    run_job                    train (or load) one job, final evaluation, checkpoint, heatmaps, metrics
+
+A *job* is what one model is trained for: one class (PBAS; CRAS --setting single) or every requested
+class together (CRAS --setting multi). A method (``common.Method``) supplies only its equations: center
+initialisation, the loss of one batch, patch scores. The engine knows no method by name: ``main.py``
+hands it the method's class.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+import metrics
+import utils
+from common import Embedder, Method, MethodConfig, autocast
+from utils import UserError
+
+LOG = logging.getLogger("pbas")
+CACHE_MODES = ("auto", "device", "host", "off")
+DEVICE_CACHE_SHARE = 0.6  # --cache auto: the device cache may take this share of the free GPU memory
+HOST_CACHE_SHARE = 0.5  # ... and the host cache this share of the available host memory
+PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal training pixel scores
+PROGRESS_LINES = 20  # per job, when stderr is not a terminal (no progress bar)
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+RELEASE_CENTER = "center.pth"
+RELEASE_BEST = re.compile(r"ckpt_best_(\d+)\.pth$")
+
+
+# ----------------------------------------------------------------------------------------------
+# features
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """E_phi with the run's numerics: images [B, 3, S, S] -> (float32 features [B*H*W, D], (H, W)).
+
+    Gradients flow only when training with ``train_backbone`` (the extractor is then in train mode).
+    """
+
+    def __init__(self, embedder: Embedder, precision: str, train_backbone: bool = False):
+        self.embedder = embedder
+        self.precision = precision
+        self.train_backbone = train_backbone
+        if not train_backbone:
+            embedder.requires_grad_(False)
+
+    def __call__(self, images: torch.Tensor, train: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+        grad = train and self.train_backbone
+        self.embedder.train(grad)
+        with torch.set_grad_enabled(grad), autocast(self.precision, images.device.type):
+            feats, grid = self.embedder(images)
+        return feats.float(), grid
+
+    def grid(self, imagesize: int, device: torch.device) -> tuple[int, int]:
+        """(H, W) of the patch grid at this image size (one tiny forward pass)."""
+        with torch.no_grad():
+            return self(torch.zeros(1, 3, imagesize, imagesize, device=device))[1]
+
+
+def cache_dtype(precision: str) -> torch.dtype:
+    """bf16 runs keep bf16 features (what the bf16 backbone produces, half the memory); else float32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def batches_of(order: Sequence, batch_size: int) -> list[list]:
+    """Consecutive chunks of ``order`` (the last one may be smaller, as a DataLoader without drop_last)."""
+    order = list(order)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def epoch_order(n: int, seed: int, pass_index: int, stream: int = 0) -> list[int]:
+    """The shuffled order of pass ``pass_index`` (0: center initialization, e >= 1: training epoch e - 1).
+
+    Each pass (and each ``stream``, e.g. one per class for per-class center banks) draws from its own
+    generator, so the order does not depend on anything else consuming random numbers (feature
+    caching, evaluation, data-loading workers).
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + pass_index + stream * 1_000_000_007)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+class FeatureSource:
+    """Patch features of a dataset's images for given batches of indices.
+
+    ``cache='off'``: every request runs the data loader and the backbone (needed with --train_backbone).
+    ``cache='device'``: all images are embedded once, on first use, and kept on the compute device.
+    ``cache='host'``: the same in ordinary host memory; each batch is gathered into one of two pinned
+    staging buffers and copied to the GPU on a copy stream, overlapping the previous batch's compute.
+    Either way the same indices give the same batches, so training sees identical data.
+    """
+
+    def __init__(self, encoder: Encoder, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int,
+                 device: torch.device, cache: str, grid: tuple[int, int], progress: Callable | None = None):
+        self.encoder = encoder
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.cache = cache
+        self.grid = grid
+        self.progress = progress or (lambda it, **_: it)
+        self._features: torch.Tensor | None = None  # [N, H*W, D]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def positions(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def _embed_all(self) -> torch.Tensor:
+        batches = batches_of(range(len(self.dataset)), self.batch_size)
+        store = None
+        dtype = cache_dtype(self.encoder.precision)
+        on_host = self.cache == "host" and self.device.type == "cuda"
+        for batch in self.progress(self._loader(batches), desc="embedding", total=len(batches)):
+            feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True))
+            feats = feats.reshape(len(batch["image"]), -1, feats.shape[-1]).to(dtype)  # [b, H*W, D]
+            if store is None:
+                store = torch.empty((len(self.dataset), *feats.shape[1:]), dtype=dtype,
+                                    device="cpu" if on_host else self.device)
+            store[batch["index"]] = feats.to(store.device)
+        return store
+
+    def prepare(self) -> None:
+        """Embed and store every image now (cached modes); otherwise this happens on first use."""
+        if self.cache != "off" and self._features is None:
+            self._features = self._embed_all()
+
+    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[torch.Tensor]:
+        """Float32 features [b*H*W, D] of each consecutive batch of ``order``."""
+        if self.cache == "off":
+            for batch in self._loader(batches_of(order, self.batch_size)):
+                feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True), train=train)
+                yield feats
+            return
+        self.prepare()
+        store = self._features
+        if store.device.type == "cpu" and self.device.type == "cuda":
+            yield from self._staged(order)
+            return
+        index = torch.as_tensor(list(order), dtype=torch.long).to(store.device)  # one upload per pass
+        for start in range(0, len(index), self.batch_size):
+            feats = store[index[start: start + self.batch_size]]
+            yield feats.reshape(-1, feats.shape[-1]).float()
+
+    def _staged(self, order: Sequence[int]) -> Iterator[torch.Tensor]:
+        """Host cache -> GPU through two pinned buffers and a copy stream (events guard buffer reuse)."""
+        store = self._features
+        copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        staging = [torch.empty((self.batch_size, *store.shape[1:]), dtype=store.dtype, pin_memory=True) for _ in range(2)]
+        done: list[torch.cuda.Event | None] = [None, None]  # copy of buffer i finished
+        index = torch.as_tensor(list(order), dtype=torch.long)
+        for i, start in enumerate(range(0, len(index), self.batch_size)):
+            chunk = index[start: start + self.batch_size]
+            slot = i % 2
+            if done[slot] is not None:
+                done[slot].synchronize()  # the copy that used this buffer two batches ago has finished
+            buf = staging[slot][: len(chunk)]
+            torch.index_select(store, 0, chunk, out=buf)
+            with torch.cuda.stream(copy_stream):
+                feats = buf.to(self.device, non_blocking=True)
+                done[slot] = torch.cuda.Event()
+                done[slot].record(copy_stream)
+            compute.wait_event(done[slot])
+            feats.record_stream(compute)
+            yield feats.reshape(-1, feats.shape[-1]).float()
+
+
+def feature_bytes(n_images: int, positions: int, dim: int, precision: str) -> int:
+    return n_images * positions * dim * torch.tensor([], dtype=cache_dtype(precision)).element_size()
+
+
+def choose_cache(requested: str, device: torch.device, need: int) -> str:
+    """Resolve --cache auto by the memory actually free: the device if the features fit in 60% of its free
+    memory, else host memory if they fit in half of what the host has available, else no cache."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need < DEVICE_CACHE_SHARE * free:
+            return "device"
+    if need < HOST_CACHE_SHARE * utils.available_host_memory():
+        return "host" if device.type == "cuda" else "device"  # on the CPU, device memory is host memory
+    return "off"
+
+
+# ----------------------------------------------------------------------------------------------
+# a job's data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSet:
+    """The training images of every class of a job, concatenated, with the class index of each image."""
+
+    source: FeatureSource
+    labels: torch.Tensor  # [N] int64 on the device
+    class_indices: list[list[int]]  # indices of each class's images in ``source``
+
+    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features [b*H*W, D], class labels [b]) of each consecutive batch of ``order``."""
+        index = torch.as_tensor(list(order), dtype=torch.long).to(self.labels.device)
+        for i, feats in enumerate(self.source.batches(order, train=train)):
+            yield feats, self.labels[index[i * self.source.batch_size: (i + 1) * self.source.batch_size]]
+
+    def class_order(self, c: int, seed: int, pass_index: int) -> list[int]:
+        """Class c's images in the shuffled order of a pass (its own stream; class 0 of a one-class job
+        gets exactly ``epoch_order(n, seed, pass_index)``)."""
+        members = self.class_indices[c]
+        return [members[i] for i in epoch_order(len(members), seed, pass_index, stream=c)]
+
+
+@dataclass
+class ClassTest:
+    """One class's test set: features, image labels [N] and pixel masks [N, S, S] on the device."""
+
+    name: str  # DATASET_CLASS
+    source: FeatureSource
+    labels: torch.Tensor
+    masks: torch.Tensor
+
+
+def load_masks(dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [N] and masks [N, S, S] of a test set (masks only: the images are decoded by the feature source)."""
+    labels = torch.tensor([s.is_anomaly for s in dataset.samples])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        masks = torch.stack([m[0] for m in pool.map(dataset.mask, range(len(dataset)))])
+    return labels.to(device), masks.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(method: Method, source: FeatureSource, order: Sequence[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image scores [N], anomaly maps [N, S, S] and class per image [N] of ``order`` (default: dataset order),
+    in consecutive batches of the source's batch size."""
+    order = range(len(source)) if order is None else order
+    scores, maps, classes = [], [], []
+    for feats in source.batches(order):
+        s, m, c = method.score(feats, source.grid)
+        scores.append(s)
+        maps.append(m)
+        classes.append(c)
+    return torch.cat(scores), torch.cat(maps), torch.cat(classes)
+
+
+def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC, or NaN when the labels hold a single class (e.g. a test set without defect pixels)."""
+    try:
+        return metrics.auroc(scores, labels)
+    except metrics.UndefinedMetricError:
+        return math.nan
+
+
+def class_metrics(scores: torch.Tensor, maps: torch.Tensor, test: ClassTest, full: bool) -> dict:
+    """I-AUROC and P-AUROC (per epoch); with ``full`` also AP, PRO, AUPRO and the F1-optimal image threshold."""
+    if not full:
+        return {"image_auroc": _auroc_or_nan(scores, test.labels),
+                "pixel_auroc": _auroc_or_nan(maps.flatten(), metrics.pixel_ground_truth(test.masks).flatten())}
+    result = {**metrics.image_metrics(scores, test.labels), **metrics.pixel_metrics(maps, test.masks, with_pro=True)}
+    try:
+        result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
+    except metrics.UndefinedMetricError:
+        result["image_f1_threshold"], result["image_f1"] = math.nan, math.nan
+    return result
+
+
+def evaluate(method: Method, tests: Sequence[ClassTest], full: bool) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Per-class metrics {DATASET_CLASS: {...}} and anomaly maps {DATASET_CLASS: [N, S, S]}."""
+    results, maps = {}, {}
+    for test in tests:
+        scores, class_maps, _ = predict(method, test.source)
+        results[test.name] = class_metrics(scores, class_maps, test, full)
+        maps[test.name] = class_maps
+    return results, maps
+
+
+def mean_over_classes(per_class: dict[str, dict], key: str) -> float:
+    return sum(m[key] for m in per_class.values()) / len(per_class)
+
+
+def selection_key(per_class: dict[str, dict]) -> float:
+    """Mean over classes of I-AUROC + mean of P-AUROC (a NaN counts as 0): the releases' criterion."""
+    zero = lambda v: 0.0 if math.isnan(v) else v
+    return sum(zero(m["image_auroc"]) + zero(m["pixel_auroc"]) for m in per_class.values()) / len(per_class)
+
+
+def sorted_quantiles(values: torch.Tensor, count: int = PIXEL_QUANTILES) -> torch.Tensor:
+    """``count`` evenly spaced quantiles (linear interpolation, as torch.quantile) of any number of values."""
+    v = values.flatten().double().sort().values
+    pos = torch.linspace(0, len(v) - 1, count, dtype=torch.float64, device=v.device)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    return (v[lo] + (v[hi] - v[lo]) * (pos - lo)).float()
+
+
+def normal_score_statistics(method: Method, train: TrainSet, names: Sequence[str]) -> dict[str, dict]:
+    """Per class, the score distributions of its normal training images under the method's current state
+    (for thresholds): every image score [N_c] and PIXEL_QUANTILES quantiles of all pixel scores."""
+    out = {}
+    for c, name in enumerate(names):
+        scores, maps, _ = predict(method, train.source, train.class_indices[c])
+        out[name] = {"image_scores": scores.cpu(), "pixel_quantiles": sorted_quantiles(maps).cpu(),
+                     "quantile_levels": torch.linspace(0, 1, PIXEL_QUANTILES)}
+    return out
+
+
+@dataclass
+class EpochLog:
+    epoch: int  # 0-based, as the releases count
+    stats: dict[str, float]
+    image_auroc: float = math.nan  # mean over the job's classes
+    pixel_auroc: float = math.nan
+
+
+@dataclass
+class Snapshot:
+    """A state of the trainable modules after an epoch, with its per-class metrics."""
+
+    epoch: int
+    state: dict
+    metrics: dict[str, dict]
+
+
+@dataclass
+class FitResult:
+    best: Snapshot
+    last: Snapshot
+    history: list[EpochLog] = field(default_factory=list)
+
+
+def initialize(method: Method, train: TrainSet, seed: int) -> None:
+    """The method's centers from one shuffled pass per class (pass 0) with the untrained projector."""
+    method.initialize(lambda c: (f for f, _ in train.batches(train.class_order(c, seed, 0))), train.source.positions)
+
+
+def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], train: TrainSet, order: Sequence[int],
+                limit: int = -1) -> dict[str, float]:
+    """One epoch of steps over ``order`` (stopping after the batch that takes the sample count above
+    ``limit`` unless it is -1); the mean of each step statistic, with one synchronisation."""
+    method.train()
+    steps, samples = [], 0
+    for feats, labels in train.batches(order, train=True):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss, stats = method.loss(feats, labels, train.source.positions)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        steps.append(stats)
+        samples += len(labels)
+        if limit != -1 and samples > limit:
+            break
+    means = torch.stack([torch.stack(list(s.values())) for s in steps]).mean(0).tolist()
+    return dict(zip(steps[0], means))
+
+
+def make_optimizers(method: Method, encoder: Encoder) -> list[torch.optim.Optimizer]:
+    """The method's optimizers, plus AdamW(lr) on the backbone with --train_backbone."""
+    opts = method.make_optimizers()
+    if encoder.train_backbone:
+        opts.append(torch.optim.AdamW(encoder.embedder.extractor.parameters(), method.config.lr))
+    return opts
+
+
+def trained_state(method: Method, encoder: Encoder) -> dict:
+    state = method.trained_state()
+    if encoder.train_backbone:
+        state["backbone"] = {n: t.detach().cpu().clone() for n, t in encoder.embedder.extractor.state_dict().items()}
+    return state
+
+
+def load_trained_state(method: Method, encoder: Encoder, state: dict) -> None:
+    method.load_trained_state(state)
+    if encoder.train_backbone:
+        encoder.embedder.extractor.load_state_dict(state["backbone"])
+
+
+def fit(method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
+        on_epoch: Callable[[EpochLog], None] | None = None,
+        on_best: Callable[[Snapshot], None] | None = None,
+        progress: Callable | None = None) -> FitResult:
+    """Centers, then ``meta_epochs`` epochs with test evaluation every ``eval_epochs`` (and at the last).
+
+    The best epoch (strictly larger selection key; ties keep the earlier one) is selected on the test
+    sets as in the releases; the last epoch is evaluated too, so both can be reported.
+    """
+    cfg: MethodConfig = method.config
+    progress = progress or (lambda it, **_: it)
+    initialize(method, train, seed)
+    optimizers = make_optimizers(method, encoder)
+    best_key, best, last_metrics = -math.inf, None, {}
+    history: list[EpochLog] = []
+    bar = progress(range(cfg.meta_epochs), desc="epochs", total=cfg.meta_epochs)
+    for epoch in bar:
+        log = EpochLog(epoch, train_epoch(method, optimizers, train, epoch_order(len(train.source), seed, epoch + 1), cfg.limit))
+        if (epoch + 1) % cfg.eval_epochs == 0 or epoch == cfg.meta_epochs - 1:
+            last_metrics, _ = evaluate(method, tests, full=False)
+            log.image_auroc = mean_over_classes(last_metrics, "image_auroc")
+            log.pixel_auroc = mean_over_classes(last_metrics, "pixel_auroc")
+            key = selection_key(last_metrics)
+            if key > best_key:
+                best_key, best = key, Snapshot(epoch, trained_state(method, encoder), last_metrics)
+                if on_best is not None:
+                    on_best(best)
+        history.append(log)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{log.stats['loss']:.4f}", p_true=f"{log.stats['p_true']:.2f}",
+                            p_fake=f"{log.stats['p_fake']:.2f}", i_auroc=f"{log.image_auroc:.4f}",
+                            p_auroc=f"{log.pixel_auroc:.4f}")
+        if on_epoch is not None:
+            on_epoch(log)
+    assert best is not None  # the last epoch is always evaluated
+    return FitResult(best, Snapshot(cfg.meta_epochs - 1, trained_state(method, encoder), last_metrics), history)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def config_difference(saved: dict, wanted: dict) -> str | None:
+    """The first setting of two job configurations that differs, or None.
+
+    Device settings (gpu, num_workers, cache, paths) are not part of a job's configuration: they may change."""
+    flat_saved = {**saved, **saved.get("net", {})}
+    flat_wanted = {**wanted, **wanted.get("net", {})}
+    for key in sorted(set(flat_saved) | set(flat_wanted)):
+        if key == "net":
+            continue
+        if flat_saved.get(key) != flat_wanted.get(key):
+            return f"{key}={flat_saved.get(key)!r} in the checkpoint, {flat_wanted.get(key)!r} now"
+    return None
+
+
+def read_checkpoint(path: str, method_name: str | None = None) -> dict:
+    """A checkpoint written by this program, of ``method_name`` when given; a one-line UserError otherwise."""
+    ckpt = utils.load_checkpoint(path)
+    method = ckpt.get("method")
+    if not isinstance(method, str) or not isinstance(ckpt["config"].get("net"), dict):
+        raise UserError(f"{path} is not a checkpoint of this program: it names no method or network configuration")
+    if method_name is not None and method != method_name:
+        raise UserError(f"{path} is a {method.upper()} checkpoint, not {method_name.upper()}; "
+                        f"use --method {method} or another --results_path")
+    return ckpt
+
+
+@dataclass
+class Job:
+    """One model to train (or load) and test: one class, or every requested class together."""
+
+    name: str  # DATASET_CLASS, or DATASET_dataset for a multi-class job
+    dataset: str
+    classnames: list[str]
+    trains: list  # per class: its training set
+    tests: list  # per class: its test set
+    config: dict  # what its checkpoint records and must match
+    folder: str  # RESULTS/models/METHOD/NAME
+    log_path: str  # per-epoch CSV log
+    finished: bool = False  # a finished checkpoint exists: test it instead of training
+    release: str | None = None  # a folder of the authors' weights to evaluate instead of training
+
+    @property
+    def row_names(self) -> list[str]:
+        """results.csv row of each class: DATASET_CLASS."""
+        return [f"{self.dataset}_{c}" for c in self.classnames]
+
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(self.folder, CHECKPOINT_NAME)
+
+
+@dataclass
+class RunSettings:
+    """What every job of a run shares: the method, its configuration and the device options."""
+
+    method: type[Method]
+    config: MethodConfig
+    precision: str
+    cache: str
+    num_workers: int
+    seed: int
+
+
+def release_files(folder: str, needs_center: bool) -> tuple[str, int]:
+    """The single ``ckpt_best_N.pth`` of a release folder and its epoch N; a one-line UserError otherwise
+    (also when ``needs_center`` and ``center.pth`` is missing)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"no released weights at {folder}: expected a folder with ckpt_best_N.pth "
+                        f"(and {RELEASE_CENTER} for CRAS) as the authors' code writes it")
+    found = sorted(p for p in glob.glob(os.path.join(folder, "ckpt_best_*.pth")) if RELEASE_BEST.search(p))
+    if len(found) != 1:
+        raise UserError(f"{folder} must hold exactly one ckpt_best_N.pth, found {len(found)}")
+    if needs_center and not os.path.isfile(os.path.join(folder, RELEASE_CENTER)):
+        raise UserError(f"{os.path.join(folder, RELEASE_CENTER)} is missing: this method scores with its centers")
+    return found[0], int(RELEASE_BEST.search(found[0]).group(1))
+
+
+def load_release(folder: str, method: Method) -> tuple[dict, int, torch.Tensor | None]:
+    """The authors' weights: ({projector, discriminator} state, best epoch, center bank or None).
+
+    ``ckpt_best_N.pth`` holds {"discriminator", "pre_projection"} state dicts (our key names);
+    ``center.pth`` the centers (required when the method scores with them).
+    """
+    path, epoch = release_files(folder, method.needs_center_to_score)
+    raw = utils.load_tensors(path)
+    if not isinstance(raw, dict) or "discriminator" not in raw:
+        raise UserError(f"{path} is not a released checkpoint: it lacks the 'discriminator' state")
+    state = {"discriminator": raw["discriminator"], "projector": raw.get("pre_projection", {})}
+    center_path = os.path.join(folder, RELEASE_CENTER)
+    center = None
+    if os.path.exists(center_path):
+        center = utils.load_tensors(center_path)
+        if not isinstance(center, torch.Tensor):
+            raise UserError(f"{center_path} does not hold a center tensor")
+    return state, epoch, center
+
+
+def restore(method: Method, encoder: Encoder, state: dict, center: torch.Tensor | None, source: str) -> None:
+    """Load a stored state and centers into the method; a one-line UserError when they do not fit it."""
+    try:
+        if center is not None:
+            expected = tuple(method.center.shape)
+            if center.dim() != len(expected) or (len(expected) == 3 and center.shape[0] != expected[0]) \
+                    or center.shape[-1] != expected[-1]:
+                raise ValueError(f"centers {tuple(center.shape)} do not fit {method.name.upper()} with "
+                                 f"{method.num_classes} class(es) and D = {expected[-1]}")
+            method.center = center.float().to(method.center.device)
+        load_trained_state(method, encoder, state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"{source} does not match the configuration ({reason})") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# one job
+# ----------------------------------------------------------------------------------------------
+
+
+def job_sources(job: Job, encoder: Encoder, settings: RunSettings, device: torch.device, progress: Callable
+                ) -> tuple[TrainSet, list[ClassTest]]:
+    """The job's training set (classes concatenated, with labels) and each class's test set, with one
+    cache decision for all of them."""
+    cfg = settings.config
+    grid = encoder.grid(cfg.imagesize, device)
+    n_images = sum(len(d) for d in job.trains) + sum(len(d) for d in job.tests)
+    need = feature_bytes(n_images, grid[0] * grid[1], cfg.target_embed_dimension, settings.precision)
+    cache = "off" if encoder.train_backbone else choose_cache(settings.cache, device, need)
+    LOG.info("%s: %d train / %d test images, features %.2f GB, cache: %s", job.name, sum(len(d) for d in job.trains),
+             sum(len(d) for d in job.tests), need / 1e9, cache)
+    make = lambda ds: FeatureSource(encoder, ds, cfg.batch_size, settings.num_workers, device, cache, grid, progress)
+    concat = IndexedConcat(job.trains)
+    labels = torch.cat([torch.full((len(d),), c, dtype=torch.long) for c, d in enumerate(job.trains)]).to(device)
+    train = TrainSet(make(concat), labels, concat.class_indices())
+    tests = []
+    for name, ds in zip(job.row_names, job.tests):
+        labels_c, masks = load_masks(ds, device)
+        tests.append(ClassTest(name, make(ds), labels_c, masks))
+    return train, tests
+
+
+class IndexedConcat(torch.utils.data.ConcatDataset):
+    """ConcatDataset whose items carry their index in the concatenation (the feature cache's key)."""
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(super().__getitem__(index))
+        item["index"] = index if index >= 0 else len(self) + index
+        return item
+
+    def class_indices(self) -> list[list[int]]:
+        starts = [0, *self.cumulative_sizes[:-1]]
+        return [list(range(s, e)) for s, e in zip(starts, self.cumulative_sizes)]
+
+
+def write_heatmaps(folder: str, dataset, maps: torch.Tensor) -> None:
+    """One [image | ground truth | scores] PNG per test image (final evaluation only)."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        stem = os.path.splitext(os.path.basename(item["image_path"]))[0]
+        utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, f"{item['defect']}_{stem}.png"))
+
+
+def epoch_logger(job: Job, meta_epochs: int) -> Callable[[EpochLog], None]:
+    """Per-epoch CSV log (written every 10 epochs and at the end) and, without a progress bar, a line now and then."""
+    lines: list[str] = []
+    every = max(1, meta_epochs // PROGRESS_LINES)
+
+    def on_epoch(log: EpochLog) -> None:
+        if not lines:
+            lines.append(",".join(["epoch", *log.stats, "image_auroc", "pixel_auroc"]))
+        lines.append(",".join(str(v) for v in (log.epoch, *log.stats.values(), log.image_auroc, log.pixel_auroc)))
+        if log.epoch % 10 == 9 or log.epoch == meta_epochs - 1:
+            utils.save_text("\n".join(lines) + "\n", job.log_path)
+        if not sys.stderr.isatty() and (log.epoch + 1) % every == 0:
+            s = log.stats
+            LOG.info("%s: epoch %d/%d, loss %.4f, p_true %.2f, p_fake %.2f, I-AUROC %.2f, P-AUROC %.2f", job.name,
+                     log.epoch + 1, meta_epochs, s["loss"], s["p_true"], s["p_fake"], 100 * log.image_auroc,
+                     100 * log.pixel_auroc)
+
+    return on_epoch
+
+
+def checkpoint_dict(settings: RunSettings, job: Job, method: Method, complete: bool, **parts) -> dict:
+    """The self-describing checkpoint: method, configuration, classes, centers, then ``parts``."""
+    return {"format": utils.CHECKPOINT_FORMAT, "method": settings.method.name, "complete": complete,
+            "config": job.config, "classes": job.row_names, "center": method.center.cpu(), **parts}
+
+
+def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.device,
+            progress: Callable = utils.progress) -> dict[str, dict]:
+    """Train (or reuse, or load released weights) and test one job; return its results.csv rows by class."""
+    utils.set_seed(settings.seed)  # before the modules are built: their initial weights come from it
+    method = settings.method(settings.config, len(job.classnames), settings.precision).to(device)
+    method.seed_streams(settings.seed, device)
+    encoder = Encoder(embedder.to(device), settings.precision, settings.config.train_backbone)
+    train, tests = job_sources(job, encoder, settings, device, progress)
+    parts: dict = {}
+    if job.release is not None:
+        state, epoch, center = load_release(job.release, method)
+        restore(method, encoder, state, center, f"released weights in {job.release}")
+        best = last = Snapshot(epoch, trained_state(method, encoder), {})
+        parts["release"] = job.release
+        LOG.info("%s: evaluating the released weights of epoch %d in %s", job.name, epoch, job.release)
+    elif job.finished:
+        ckpt = read_checkpoint(job.checkpoint, settings.method.name)
+        LOG.info("%s: testing the finished checkpoint %s", job.name, job.checkpoint)
+        restore(method, encoder, ckpt["best"]["state"], ckpt["center"], job.checkpoint)
+        best = Snapshot(ckpt["best"]["epoch"], ckpt["best"]["state"], {})
+        last = Snapshot(ckpt["last"]["epoch"], ckpt["last"]["state"], {})
+        parts["train_seconds"] = ckpt.get("train_seconds", math.nan)
+    else:
+        started = time.time()
+
+        def on_best(snapshot: Snapshot) -> None:
+            utils.save_torch(checkpoint_dict(settings, job, method, False, best=snapshot.__dict__), job.checkpoint)
+
+        fitted = fit(method, encoder, train, tests, settings.seed, epoch_logger(job, settings.config.meta_epochs),
+                     on_best, progress)
+        best, last = fitted.best, fitted.last
+        parts["train_seconds"] = time.time() - started
+
+    load_trained_state(method, encoder, last.state)
+    last_metrics, _ = evaluate(method, tests, full=True)
+    load_trained_state(method, encoder, best.state)
+    best_metrics, maps = evaluate(method, tests, full=True)
+    for test, ds in zip(tests, job.tests):
+        write_heatmaps(os.path.join(job.folder, "heatmaps", test.name), ds, maps[test.name])
+    rows = {name: {**best_metrics[name], "best_epoch": best.epoch, "last_epoch": last.epoch,
+                   **{f"last_{k}": last_metrics[name][k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
+            for name in job.row_names}
+    if not job.finished:
+        utils.save_torch(checkpoint_dict(
+            settings, job, method, True,
+            best={"epoch": best.epoch, "state": best.state, "metrics": best_metrics},
+            last={"epoch": last.epoch, "state": last.state, "metrics": last_metrics},
+            normal_scores=normal_score_statistics(method, train, job.row_names),  # the best state is loaded
+            torch_version=str(torch.__version__), **parts), job.checkpoint)
+    utils.save_json(rows, os.path.join(job.folder, METRICS_NAME))
+    return rows
