@@ -672,10 +672,13 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
         best, last = fitted.best, fitted.last
         parts["train_seconds"] = time.time() - started
 
-    load_trained_state(method, encoder, last.state)
-    last_metrics, _ = evaluate(method, tests, full=True)
+    if last.epoch != best.epoch:
+        load_trained_state(method, encoder, last.state)
+        last_metrics, _ = evaluate(method, tests, full=True)
     load_trained_state(method, encoder, best.state)
     best_metrics, maps = evaluate(method, tests, full=True)
+    if last.epoch == best.epoch:
+        last_metrics = best_metrics
     for test, ds in zip(tests, job.tests):
         write_heatmaps(os.path.join(job.folder, "heatmaps", test.name), ds, maps[test.name])
     rows = {name: {**best_metrics[name], "best_epoch": best.epoch, "last_epoch": last.epoch,
