@@ -487,8 +487,9 @@ class Job:
     trains: list  # per class: its training set
     tests: list  # per class: its test set
     config: dict  # what its checkpoint records and must match
-    folder: str  # RESULTS/models/METHOD/NAME
+    folder: str  # RESULTS/models/METHOD/NAME/seedN
     log_path: str  # per-epoch CSV log
+    requested: list[str] = field(default_factory=list)  # every class of the run, in the order given (row order)
     finished: bool = False  # a finished checkpoint exists: test it instead of training
     release: str | None = None  # a folder of the authors' weights to evaluate instead of training
 
@@ -691,5 +692,6 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
             last={"epoch": last.epoch, "state": last.state, "metrics": last_metrics},
             normal_scores=normal_score_statistics(method, train, job.row_names),  # the best state is loaded
             torch_version=str(torch.__version__), **parts), job.checkpoint)
-    utils.save_json(rows, os.path.join(job.folder, METRICS_NAME))
+    utils.save_json({"method": settings.method.name, "setting": job.config["setting"], "seed": settings.seed,
+                     "requested": job.requested, "rows": rows}, os.path.join(job.folder, METRICS_NAME))
     return rows

@@ -436,7 +436,7 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
         raise UserError(f"--output {opts.output} exists and is not a folder")
     items = collect_inputs(opts.inputs)
     device = utils.pick_device(opts.gpu)
-    utils.configure_precision(opts.precision)
+    utils.configure_precision(opts.precision, device)
     model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
     thresholds = resolve_thresholds(ckpt, opts.threshold, opts.pixel_threshold, opts.checkpoint)
     resize, size = model.resize, model.method.config.imagesize

@@ -3,18 +3,24 @@
 The command lines of the authors' PBAS and CRAS releases are accepted as they are (``--method cras``
 added for CRAS; see README). This module owns the run folder (``--results_path``):
 
-    results.csv                                  per class + Mean: the release's columns, last epoch, AUPRO, thresholds
-    config.json                                  the resolved configuration of the run
-    models/METHOD/JOB/checkpoint.pt              self-describing checkpoint (method, config, centers, best/last states, metrics)
-    models/METHOD/JOB/metrics.json               the job's rows of results.csv
-    models/METHOD/JOB/heatmaps/DATASET_CLASS/    [image | ground truth | scores] of the final evaluation
-    logs/PROJECT/GROUP/RUN/METHOD_JOB.csv        per-epoch losses and test metrics
+    results.csv                                  every class of every job in the folder + a Mean row per dataset,
+                                                 method, setting and seed: the release's columns, last epoch, AUPRO,
+                                                 thresholds; rebuilt from the metrics.json files below
+    config.json                                  the resolved configuration of every job run into the folder
+    models/METHOD/JOB/seedN/checkpoint.pt        self-describing checkpoint (method, config, centers, best/last states, metrics)
+    models/METHOD/JOB/seedN/metrics.json         the job's rows of results.csv
+    models/METHOD/JOB/seedN/heatmaps/DATASET_CLASS/   [image | ground truth | scores] of the final evaluation
+    logs/PROJECT/GROUP/RUN/METHOD_JOB_seedN.csv  per-epoch losses and test metrics
 
 JOB is DATASET_CLASS for a model of one class (PBAS, CRAS --setting single) and DATASET_dataset for
 CRAS's one model of all requested classes (--setting multi), as the releases name their folders.
+Runs into the same folder (one after the other or at the same time, any classes, seeds and methods) add
+their jobs to it; the tables are rebuilt under a lock from what is on disk.
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import multiprocessing
 import os
@@ -401,8 +407,9 @@ def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
         assert len(resizes) == 1  # the per-class resize rule applies only to one-class jobs
         job = engine.Job(name=name, dataset=opts.dataset, classnames=classnames, trains=trains, tests=tests,
                          config=opts.job_config(classnames, resizes.pop()),
-                         folder=os.path.join(opts.results_path, "models", opts.method, name),
-                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}.csv"))
+                         folder=os.path.join(opts.results_path, "models", opts.method, name, f"seed{opts.seed}"),
+                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}_seed{opts.seed}.csv"),
+                         requested=list(opts.classes))
         check_existing(opts, job)
         jobs.append(job)
     return jobs
@@ -418,7 +425,7 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
     device = utils.pick_device(gpu)
     if device.type == "cpu" and gpu is not None and gpu >= 0:
         LOG.info("CUDA is not available: running on the CPU")
-    utils.configure_precision(opts.precision)
+    utils.configure_precision(opts.precision, device)
     settings = opts.settings()
     cfg = opts.config
     stages = None
@@ -492,6 +499,64 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
             report(index, None, "its worker process ended without a result" if index in started else "not run")
 
 
+CONFIG_NAME = "config.json"
+RESULTS_NAME = "results.csv"
+
+
+def record_configs(opts: RunOptions, jobs: list[engine.Job]) -> None:
+    """Add this run's jobs to RESULTS/config.json (under the folder's lock): each job folder's configuration,
+    command and device options; the entries of other runs stay."""
+    path = os.path.join(opts.results_path, CONFIG_NAME)
+    with utils.locked(opts.results_path):
+        runs = read_json(path).get("runs", {})
+        for job in jobs:
+            runs[os.path.relpath(job.folder, opts.results_path)] = {
+                "config": job.config, "command": sys.argv, "torch": torch.__version__, "gpu": list(opts.gpu),
+                "cache": opts.cache, "num_workers": opts.num_workers, "log": os.path.relpath(job.log_path, opts.results_path)}
+        utils.save_json({"runs": runs}, path)
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``; {} when the file is missing or unreadable (a warning says which)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        LOG.warning("ignoring unreadable %s (%s)", path, type(exc).__name__)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def table_order(name: str, group: dict, requested: list) -> tuple:
+    """Rows by dataset, method, setting, seed, then the dataset's official class order; other classes after
+    them, in the order their run was given them (-d), then by name."""
+    dataset, _, classname = name.partition("_")
+    official = datasets.CLASSES.get(dataset, ())
+    position = official.index(classname) if classname in official else len(official)
+    given = requested.index(classname) if classname in requested else len(requested)
+    methods = list(METHODS)
+    method = methods.index(group["method"]) if group["method"] in methods else len(methods)
+    return dataset, method, str(group["setting"]), int(group["seed"]), position, given, classname
+
+
+def rebuild_results(results_path: str) -> None:
+    """results.csv from every job's metrics.json in the folder, under the folder's lock, written atomically."""
+    with utils.locked(results_path):
+        rows = []
+        for path in glob.glob(os.path.join(results_path, "models", "*", "*", "seed*", engine.METRICS_NAME)):
+            data = read_json(path)
+            if not isinstance(data.get("rows"), dict) or not {"method", "setting", "seed"} <= set(data):
+                LOG.warning("ignoring %s: not a metrics file of this version", path)
+                continue
+            group = {k: data[k] for k in utils.GROUP_COLUMNS}
+            requested = data.get("requested") if isinstance(data.get("requested"), list) else []
+            rows += [(table_order(name, group, requested), name, row, group) for name, row in data["rows"].items()]
+        rows.sort(key=lambda r: r[0])
+        utils.save_text(utils.results_csv([r[1:] for r in rows]), os.path.join(results_path, RESULTS_NAME))
+
+
 def run(opts: RunOptions) -> list[str]:
     """Run every job (in this process, or one process per --gpu id); return the names of the jobs that failed."""
     jobs = prepare_jobs(opts)
@@ -499,11 +564,7 @@ def run(opts: RunOptions) -> list[str]:
     backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
     del stages
 
-    os.makedirs(opts.results_path, exist_ok=True)
-    utils.save_json({"command": sys.argv, "torch": torch.__version__, "method": opts.method, "gpu": list(opts.gpu),
-                     "precision": opts.precision, "jobs": {job.name: job.config for job in jobs}, "cache": opts.cache,
-                     "num_workers": opts.num_workers, "log_dir": opts.log_dir},
-                    os.path.join(opts.results_path, "config.json"))
+    record_configs(opts, jobs)
     order = [name for job in jobs for name in job.row_names]
     rows: dict[str, dict] = {}
     failures: list[str] = []
@@ -515,8 +576,7 @@ def run(opts: RunOptions) -> list[str]:
             failures.append(job.name)
             return
         rows.update(job_rows)
-        done = [(n, rows[n]) for n in order if n in rows]  # class order, whatever finished first
-        utils.save_text(utils.results_csv(done), os.path.join(opts.results_path, "results.csv"))
+        rebuild_results(opts.results_path)
         for name, row in job_rows.items():
             LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
 

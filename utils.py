@@ -1,16 +1,19 @@
 """Run-folder helpers: atomic writes, seeding, devices, heatmap images, the results table."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
+import logging
 import math
 import os
 import pickle
 import random
 import sys
 import tempfile
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,11 +22,13 @@ from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 
+LOG = logging.getLogger("pbas")
 CHECKPOINT_FORMAT = 2  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs
 # What torch.load raises on a file that is not a checkpoint of ours (random bytes, truncated, foreign pickle).
 CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError,
                           pickle.UnpicklingError, OverflowError, MemoryError)
 
+LOCK_NAME = ".lock"
 HEATMAP_PANEL = 256  # each panel of a heatmap PNG is 256 x 256: [image | ground truth | scores] = 768 x 256
 METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro")
 RESULT_COLUMNS = (
@@ -153,12 +158,20 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def configure_precision(precision: str) -> None:
-    """fp32 means fp32: TF32 off for matmuls and cuDNN convolutions (PyTorch enables it for cuDNN by default);
-    tf32 turns it on; bf16 autocast is applied inside the model."""
+def configure_precision(precision: str, device: torch.device) -> None:
+    """fp32 means fp32: TF32 off for CUDA matmuls and cuDNN convolutions (PyTorch enables it for cuDNN by
+    default); tf32 turns it on; bf16 autocast is applied by the model code (common.autocast), after checking
+    that the GPU supports bf16. Matmuls through set_float32_matmul_precision; convolutions through cuDNN's
+    allow_tf32 (its per-operator ``fp32_precision`` switches cannot be used: torch.export, used by the ONNX
+    export, then fails reading the legacy flag)."""
     tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                        "use --precision fp32 or tf32")
+    if precision == "bf16" and device.type == "cpu":
+        LOG.warning("--precision bf16 on the CPU: without AVX-512 BF16 or AMX it is emulated and slower than fp32")
 
 
 def progress(iterable, desc: str, total: int | None = None):
@@ -213,17 +226,39 @@ def format_value(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def results_csv(rows: Sequence[tuple[str, dict]]) -> str:
-    """The release's table: 'Row Names' then one row per class and a Mean row; fractions in [0, 1]."""
+GROUP_COLUMNS = ("method", "setting", "seed")  # a Mean row per dataset and group: runs of other methods are not averaged in
+
+
+def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
+    """The release's table: 'Row Names' then one row per class, each group of rows followed by its Mean row;
+    fractions in [0, 1]. ``rows``: (DATASET_CLASS, metrics, group {method, setting, seed}), in table order.
+    Rows of one group are consecutive; the Mean row of a group averages only its rows."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["Row Names", *RESULT_COLUMNS])
-    for name, values in rows:
-        writer.writerow([name, *(format_value(values.get(c, math.nan)) for c in RESULT_COLUMNS)])
-    if rows:
-        mean = {c: float(np.mean([float(v.get(c, math.nan)) for _, v in rows])) for c in RESULT_COLUMNS}
-        writer.writerow(["Mean", *(format_value(mean[c]) for c in RESULT_COLUMNS)])
+    writer.writerow(["Row Names", *RESULT_COLUMNS, *GROUP_COLUMNS])
+    groups: dict[tuple, list[dict]] = {}
+    for name, values, group in rows:
+        groups.setdefault((name.split("_", 1)[0], *(group[c] for c in GROUP_COLUMNS)), []).append((name, values, group))
+    for members in groups.values():
+        for name, values, group in members:
+            writer.writerow([name, *(format_value(values.get(c, math.nan)) for c in RESULT_COLUMNS),
+                             *(group[c] for c in GROUP_COLUMNS)])
+        mean = {c: float(np.mean([float(v.get(c, math.nan)) for _, v, _ in members])) for c in RESULT_COLUMNS}
+        writer.writerow(["Mean", *(format_value(mean[c]) for c in RESULT_COLUMNS), *(members[0][2][c] for c in GROUP_COLUMNS)])
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def locked(folder: str) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (a lock file inside it), held for the duration: concurrent runs into one
+    results folder (two GPUs by hand, a job array) take turns rebuilding its tables."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK_NAME), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def results_table(rows: Sequence[tuple[str, dict]], columns: Iterable[str] = METRIC_COLUMNS) -> str:

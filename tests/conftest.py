@@ -63,6 +63,6 @@ def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactor
     """checkpoint.pt of class 'texture' trained for 2 epochs (do not modify; copy it first)."""
     results = tmp_path_factory.mktemp("trained")
     assert main.cli(["--results_path", str(results), *TRAIN_ARGS, "mvtec", str(mvtec_root)]) == 0
-    path = results / "models" / "pbas" / f"mvtec_{TRAINED_CLASS}" / engine.CHECKPOINT_NAME
+    path = results / "models" / "pbas" / f"mvtec_{TRAINED_CLASS}" / "seed0" / engine.CHECKPOINT_NAME
     assert path.is_file()
     return path

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import main
+import utils
 
 # A tiny but complete configuration: offline backbone, small sizes, two epochs.
 NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "64",
@@ -25,7 +26,8 @@ def run_cli(results: Path, *args: str, test: str = "ckpt", net: list[str] = NET,
 
 def read_results(path: Path) -> dict[str, dict[str, float]]:
     with open(path) as f:
-        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k != "Row Names"} for row in csv.DictReader(f)}
+        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS)}
+                for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +49,19 @@ def test_train_writes_every_output(mvtec_run: Path):
         for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "pixel_aupro"):
             assert 0.0 <= row[key] <= 1.0
         assert row["last_epoch"] == 2 and 0 <= row["best_epoch"] <= 2
-        ckpt = torch.load(mvtec_run / "models" / "pbas" / name / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(mvtec_run / "models" / "pbas" / name / "seed0" / "checkpoint.pt", weights_only=False)
         assert ckpt["complete"] and ckpt["method"] == "pbas" and ckpt["config"]["classes"] == [name.split("_", 1)[1]]
         assert ckpt["center"].shape == (64, 64)  # 8x8 grid at 64 px, D = 64
         assert ckpt["best"]["metrics"][name]["image_auroc"] == pytest.approx(row["image_auroc"])
         assert set(ckpt["best"]["state"]) == {"projector", "discriminator"}
-        folder = mvtec_run / "models" / "pbas" / name / "heatmaps" / name
+        folder = mvtec_run / "models" / "pbas" / name / "seed0" / "heatmaps" / name
         heatmaps = sorted(os.listdir(folder))
         assert len(heatmaps) == 7  # 3 good + 4 defective test images
         assert Image.open(folder / heatmaps[0]).size == (768, 256)
     mean = table["Mean"]
     assert mean["image_auroc"] == pytest.approx((table["mvtec_texture"]["image_auroc"] + table["mvtec_object"]["image_auroc"]) / 2)
     assert (mvtec_run / "config.json").is_file()
-    assert (mvtec_run / "logs" / "project" / "group" / "test" / "pbas_mvtec_texture.csv").is_file()
+    assert (mvtec_run / "logs" / "project" / "group" / "test" / "pbas_mvtec_texture_seed0.csv").is_file()
 
 
 def test_test_mode_reproduces_the_metrics(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
@@ -76,7 +78,7 @@ def test_test_mode_reproduces_the_metrics(mvtec_run: Path, mvtec_root: Path, tmp
 def test_rerun_with_finished_checkpoint_skips_training(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
     copy = tmp_path / "results"
     shutil.copytree(mvtec_run, copy)
-    ckpt = copy / "models" / "pbas" / "mvtec_texture" / "checkpoint.pt"
+    ckpt = copy / "models" / "pbas" / "mvtec_texture" / "seed0" / "checkpoint.pt"
     before = os.path.getmtime(ckpt)
     assert run_cli(copy, "-d", "texture", "mvtec", str(mvtec_root)) == 0
     assert os.path.getmtime(ckpt) == before  # tested, not retrained
@@ -118,7 +120,7 @@ def test_a_failing_class_keeps_the_others(mvtec_copy: Path, tmp_path: Path, capl
 def test_train_backbone_runs_uncached(mvtec_root: Path, tmp_path: Path):
     net = [*NET[:-1], "1", "--train_backbone"]
     assert run_cli(tmp_path, "-d", "texture", "mvtec", str(mvtec_root), net=net) == 0
-    ckpt = torch.load(tmp_path / "models" / "pbas" / "mvtec_texture" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / "checkpoint.pt", weights_only=False)
     assert "backbone" in ckpt["best"]["state"]
 
 

@@ -29,7 +29,8 @@ def run_cli(results: Path, *args: str, test: str = "ckpt", setting: str = "multi
 
 def read_results(path: Path) -> dict[str, dict[str, float]]:
     with open(path) as f:
-        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k != "Row Names"} for row in csv.DictReader(f)}
+        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS)}
+                for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def test_multi_trains_one_model_for_both_classes(multi_run: Path):
     table = read_results(multi_run / "results.csv")
     assert list(table) == ["mvtec_texture", "mvtec_object", "Mean"]
     with open(multi_run / "results.csv") as f:
-        assert f.readline().strip().split(",") == ["Row Names", *utils.RESULT_COLUMNS]  # the same columns as PBAS runs
-    ckpt = torch.load(multi_run / "models" / "cras" / "mvtec_dataset" / "checkpoint.pt", weights_only=True)
+        assert f.readline().strip().split(",") == ["Row Names", *utils.RESULT_COLUMNS, *utils.GROUP_COLUMNS]  # the same columns as PBAS runs
+    ckpt = torch.load(multi_run / "models" / "cras" / "mvtec_dataset" / "seed0" / "checkpoint.pt", weights_only=True)
     assert ckpt["method"] == "cras" and ckpt["complete"] and ckpt["config"]["setting"] == "multi"
     assert ckpt["classes"] == ["mvtec_texture", "mvtec_object"]
     assert ckpt["center"].shape == (2, 64, 64)  # one bank per class: 8x8 positions at 64 px, D = 64
@@ -53,10 +54,10 @@ def test_multi_trains_one_model_for_both_classes(multi_run: Path):
     for name in ("mvtec_texture", "mvtec_object"):
         assert table[name]["best_epoch"] == ckpt["best"]["epoch"] and table[name]["last_epoch"] == 1
         assert ckpt["best"]["metrics"][name]["image_auroc"] == pytest.approx(table[name]["image_auroc"])
-        assert len(list((multi_run / "models" / "cras" / "mvtec_dataset" / "heatmaps" / name).iterdir())) == 7
+        assert len(list((multi_run / "models" / "cras" / "mvtec_dataset" / "seed0" / "heatmaps" / name).iterdir())) == 7
     for key in ("image_auroc", "pixel_auroc", "last_pixel_pro"):
         assert table["Mean"][key] == pytest.approx((table["mvtec_texture"][key] + table["mvtec_object"][key]) / 2)
-    log = multi_run / "logs" / "project" / "group" / "test" / "cras_mvtec_dataset.csv"
+    log = multi_run / "logs" / "project" / "group" / "test" / "cras_mvtec_dataset_seed0.csv"
     assert log.read_text().splitlines()[0] == "epoch,loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc"
 
 
@@ -72,7 +73,7 @@ def test_single_setting_trains_a_model_per_class(mvtec_root: Path, tmp_path: Pat
     assert run_cli(tmp_path, "-d", "texture", "-d", "object", "mvtec", str(mvtec_root), setting="single") == 0
     assert list(read_results(tmp_path / "results.csv")) == ["mvtec_texture", "mvtec_object", "Mean"]
     for name in ("mvtec_texture", "mvtec_object"):
-        ckpt = torch.load(tmp_path / "models" / "cras" / name / "checkpoint.pt", weights_only=True)
+        ckpt = torch.load(tmp_path / "models" / "cras" / name / "seed0" / "checkpoint.pt", weights_only=True)
         assert ckpt["center"].shape == (1, 64, 64) and ckpt["classes"] == [name]
         assert ckpt["config"]["setting"] == "single"
 
@@ -98,7 +99,7 @@ def test_cache_does_not_change_what_is_computed(mvtec_root: Path, tmp_path: Path
 def test_image_vote_is_recorded_and_evaluated(multi_run: Path, mvtec_root: Path, tmp_path: Path):
     net = [*NET, "--class_vote", "image"]
     assert run_cli(tmp_path, "-d", "texture", "-d", "object", "mvtec", str(mvtec_root), net=net) == 0
-    ckpt = torch.load(tmp_path / "models" / "cras" / "mvtec_dataset" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "models" / "cras" / "mvtec_dataset" / "seed0" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["net"]["class_vote"] == "image"
     # the batch vote checkpoint is another configuration: --test test with --class_vote image refuses it
     code = run_cli(multi_run, "-d", "texture", "-d", "object", "mvtec", str(mvtec_root), test="test", net=net)
@@ -185,7 +186,7 @@ def test_help_shows_both_methods_defaults(capsys):
 
 
 def test_a_checkpoint_of_the_other_method_is_a_one_line_error(multi_run: Path, mvtec_root: Path, tmp_path: Path, capfd):
-    ckpt = multi_run / "models" / "cras" / "mvtec_dataset" / "checkpoint.pt"
+    ckpt = multi_run / "models" / "cras" / "mvtec_dataset" / "seed0" / "checkpoint.pt"
     code = main.cli(["--method", "pbas", "predict", "--checkpoint", str(ckpt), str(mvtec_root / "object" / "test"),
                      "--output", str(tmp_path / "out")])
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
@@ -240,7 +241,7 @@ def test_itdd_multi_class_run(tmp_path: Path):
     make_dataset(root, classes=classes, n_train=4, n_test_good=2, n_test_defect=3, size=64, seed=0)
     assert run_cli(tmp_path / "r", "-d", classes[0], "-d", classes[1], "itdd", str(root)) == 0
     assert list(read_results(tmp_path / "r" / "results.csv")) == ["itdd_cotton_fabric", "itdd_dyed_fabric", "Mean"]
-    assert (tmp_path / "r" / "models" / "cras" / "itdd_dataset" / "checkpoint.pt").is_file()
+    assert (tmp_path / "r" / "models" / "cras" / "itdd_dataset" / "seed0" / "checkpoint.pt").is_file()
 
 
 def test_visa_in_both_layouts(mvtec_root: Path, visa_root: Path, tmp_path: Path):
@@ -283,7 +284,7 @@ def test_released_cras_weights_are_evaluated_and_usable_by_predict(three_classes
     table = read_results(results / "results.csv")
     assert list(table) == ["mvtec_texture", "mvtec_object", "mvtec_texture_b", "Mean"]
     assert all(table[n]["best_epoch"] == 7 for n in table)
-    ckpt = torch.load(results / "models" / "cras" / "mvtec_dataset" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(results / "models" / "cras" / "mvtec_dataset" / "seed0" / "checkpoint.pt", weights_only=True)
     assert torch.equal(ckpt["center"], g["center_bank"]) and ckpt["release"] == str(release / "mvtec_dataset")
     for key, value in g["state"]["discriminator"].items():
         assert torch.equal(ckpt["best"]["state"]["discriminator"][key], value)
@@ -293,7 +294,7 @@ def test_released_cras_weights_are_evaluated_and_usable_by_predict(three_classes
     assert read_results(results / "results.csv") == table
     # and predict scores with it (per-image class vote, that class's thresholds)
     out = tmp_path / "pred"
-    assert main.cli(["predict", "--checkpoint", str(results / "models" / "cras" / "mvtec_dataset" / "checkpoint.pt"),
+    assert main.cli(["predict", "--checkpoint", str(results / "models" / "cras" / "mvtec_dataset" / "seed0" / "checkpoint.pt"),
                      str(three_classes / "object" / "test"), "--output", str(out)]) == 0
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
