@@ -338,6 +338,13 @@ class Method(torch.nn.Module):
     def seed_streams(self, seed: int, device: torch.device) -> None:
         """Seed the method's own random streams (called once before training; none by default)."""
 
+    def stream_state(self) -> dict:
+        """The state of the method's own random streams (for an exact resume)."""
+        return {}
+
+    def set_stream_state(self, state: dict) -> None:
+        """Restore ``stream_state()``."""
+
     # -- shared ---------------------------------------------------------------------------------
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """P(e) with the configured precision, returned in float32: [N, D] -> [N, D]."""

@@ -94,6 +94,12 @@ class CRAS(Method):
         where = device if self.config.noise_device == "device" else torch.device("cpu")
         self.noise_generator = torch.Generator(device=where).manual_seed(seed)
 
+    def stream_state(self) -> dict:
+        return {"noise": self.noise_generator.get_state()}
+
+    def set_stream_state(self, state: dict) -> None:
+        self.noise_generator.set_state(state["noise"])
+
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.config
         opts: list[torch.optim.Optimizer] = []

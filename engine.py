@@ -23,12 +23,14 @@ import glob
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 import metrics
@@ -44,6 +46,7 @@ PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal trai
 PROGRESS_LINES = 20  # per job, when stderr is not a terminal (no progress bar)
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
+TRAIN_STATE_NAME = "train_state.pt"
 RELEASE_CENTER = "center.pth"
 RELEASE_BEST = re.compile(r"ckpt_best_(\d+)\.pth$")
 
@@ -140,6 +143,8 @@ class FeatureSource:
         dtype = cache_dtype(self.encoder.precision)
         on_host = self.cache == "host" and self.device.type == "cuda"
         for batch in self.progress(self._loader(batches), desc="embedding", total=len(batches)):
+            if stop_requested():
+                raise Interrupted(stop_requested())  # nothing trained yet: nothing to save
             feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True))
             feats = feats.reshape(len(batch["image"]), -1, feats.shape[-1]).to(dtype)  # [b, H*W, D]
             if store is None:
@@ -302,6 +307,8 @@ def evaluate(method: Method, tests: Sequence[ClassTest], full: bool) -> tuple[di
     results, maps = {}, {}
     for test in tests:
         scores, class_maps, _ = predict(method, test.source)
+        if not bool(torch.isfinite(scores).all()):
+            raise Diverged(f"{int((~torch.isfinite(scores)).sum())} non-finite image scores of {test.name}")
         results[test.name] = class_metrics(scores, class_maps, test, full)
         maps[test.name] = class_maps
     return results, maps
@@ -367,22 +374,32 @@ def initialize(method: Method, train: TrainSet, seed: int) -> None:
 
 
 def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], train: TrainSet, order: Sequence[int],
-                limit: int = -1) -> dict[str, float]:
+                limit: int = -1, steps: list[StepStats] | None = None,
+                after_step: Callable[[list[StepStats]], None] | None = None) -> dict[str, float]:
     """One epoch of steps over ``order`` (stopping after the batch that takes the sample count above
-    ``limit`` unless it is -1); the mean of each step statistic, with one synchronisation."""
+    ``limit`` unless it is -1); the mean of each step statistic, with one synchronisation.
+
+    ``steps`` holds the statistics of the epoch's steps already taken (a resumed epoch continues after
+    them); ``after_step(steps)`` runs after every step (it may save the state and stop the run).
+    """
     method.train()
-    steps, samples = [], 0
-    for feats, labels in train.batches(order, train=True):
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss, stats = method.loss(feats, labels, train.source.positions)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        steps.append(stats)
-        samples += len(labels)
-        if limit != -1 and samples > limit:
-            break
+    steps = [] if steps is None else steps
+    size = train.source.batch_size
+    samples = len(steps) * size  # every batch before the last is full
+    if not (limit != -1 and samples > limit):
+        for feats, labels in train.batches(order[len(steps) * size:], train=True):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss, stats = method.loss(feats, labels, train.source.positions)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            steps.append(stats)
+            samples += len(labels)
+            if after_step is not None:
+                after_step(steps)
+            if limit != -1 and samples > limit:
+                break
     means = torch.stack([torch.stack(list(s.values())) for s in steps]).mean(0).tolist()
     return dict(zip(steps[0], means))
 
@@ -408,42 +425,181 @@ def load_trained_state(method: Method, encoder: Encoder, state: dict) -> None:
         encoder.embedder.extractor.load_state_dict(state["backbone"])
 
 
-def fit(method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
-        on_epoch: Callable[[EpochLog], None] | None = None,
-        on_best: Callable[[Snapshot], None] | None = None,
-        progress: Callable | None = None) -> FitResult:
-    """Centers, then ``meta_epochs`` epochs with test evaluation every ``eval_epochs`` (and at the last).
+class Diverged(RuntimeError):
+    """Training produced a NaN or infinite loss or score; the message names the epoch and what diverged."""
 
-    The best epoch (strictly larger selection key; ties keep the earlier one) is selected on the test
-    sets as in the releases; the last epoch is evaluated too, so both can be reported.
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM / SIGINT); ``saved`` tells whether a training state was written."""
+
+    def __init__(self, signum: int, saved: str | None = None):
+        super().__init__(signum, saved)
+        self.signum = signum
+        self.saved = saved
+
+
+_STOP = {"signum": 0}
+
+
+def request_stop(signum: int) -> None:
+    """Ask the running job to stop at the next step boundary, saving its training state (signal handlers)."""
+    _STOP["signum"] = signum
+
+
+def stop_requested() -> int:
+    """The signal that asked the run to stop, or 0."""
+    return _STOP["signum"]
+
+
+def rng_state() -> dict:
+    """Every global random stream: Python, NumPy, torch CPU and each CUDA device (tensors and plain data,
+    so that it loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class FitHooks:
+    """What ``fit`` reports and asks while it runs (all optional)."""
+
+    on_epoch: Callable[[EpochLog], None] | None = None
+    on_best: Callable[[Snapshot], None] | None = None
+    save_state: Callable[[dict], None] | None = None  # persist a training state (see Trainer.state)
+    stop_signal: Callable[[], int] = stop_requested  # non-zero: the signal asking the run to stop
+    save_share: float = 0.02  # periodic saves take at most this share of the training time
+
+
+class Trainer:
+    """The fit loop, resumable at any step: centers, then ``meta_epochs`` epochs with test evaluation every
+    ``eval_epochs`` (and at the last); the best epoch (strictly larger selection key; ties keep the earlier
+    one) is selected on the test sets as in the releases, and the last epoch is kept too.
+
+    ``state()`` is everything needed to continue exactly (bit for bit on the same device): the trainable
+    state, the optimizers, every random stream, the epoch and step, the selection state and the history.
+    It is saved at epoch ends, as often as keeps saving under ``save_share`` of the time, and whenever a
+    stop is requested (after the current step).
     """
-    cfg: MethodConfig = method.config
-    progress = progress or (lambda it, **_: it)
-    initialize(method, train, seed)
-    optimizers = make_optimizers(method, encoder)
-    best_key, best, last_metrics = -math.inf, None, {}
-    history: list[EpochLog] = []
-    bar = progress(range(cfg.meta_epochs), desc="epochs", total=cfg.meta_epochs)
-    for epoch in bar:
-        log = EpochLog(epoch, train_epoch(method, optimizers, train, epoch_order(len(train.source), seed, epoch + 1), cfg.limit))
-        if (epoch + 1) % cfg.eval_epochs == 0 or epoch == cfg.meta_epochs - 1:
-            last_metrics, _ = evaluate(method, tests, full=False)
-            log.image_auroc = mean_over_classes(last_metrics, "image_auroc")
-            log.pixel_auroc = mean_over_classes(last_metrics, "pixel_auroc")
-            key = selection_key(last_metrics)
-            if key > best_key:
-                best_key, best = key, Snapshot(epoch, trained_state(method, encoder), last_metrics)
-                if on_best is not None:
-                    on_best(best)
-        history.append(log)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{log.stats['loss']:.4f}", p_true=f"{log.stats['p_true']:.2f}",
-                            p_fake=f"{log.stats['p_fake']:.2f}", i_auroc=f"{log.image_auroc:.4f}",
-                            p_auroc=f"{log.pixel_auroc:.4f}")
-        if on_epoch is not None:
-            on_epoch(log)
-    assert best is not None  # the last epoch is always evaluated
-    return FitResult(best, Snapshot(cfg.meta_epochs - 1, trained_state(method, encoder), last_metrics), history)
+
+    def __init__(self, method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
+                 hooks: FitHooks | None = None, progress: Callable | None = None):
+        self.method, self.encoder, self.train, self.tests, self.seed = method, encoder, train, tests, seed
+        self.hooks = hooks or FitHooks()
+        self.progress = progress or (lambda it, **_: it)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.epoch = 0  # the epoch being trained (or the next one)
+        self.steps: list[StepStats] = []  # statistics of the current epoch's steps taken so far
+        self.best_key, self.best, self.last_metrics = -math.inf, None, {}
+        self.history: list[EpochLog] = []
+        self._saved_at, self._save_seconds = time.monotonic(), 0.0
+
+    # -- state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch, "steps": [{k: v.detach().cpu() for k, v in s.items()} for s in self.steps],
+            "center": self.method.center.cpu(), "modules": trained_state(self.method, self.encoder),
+            "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(),
+            "method_rng": self.method.stream_state(), "best_key": self.best_key,
+            "best": None if self.best is None else self.best.__dict__, "last_metrics": self.last_metrics,
+            "history": [log.__dict__ for log in self.history],
+        }
+
+    def start(self) -> None:
+        initialize(self.method, self.train, self.seed)
+        self.optimizers = make_optimizers(self.method, self.encoder)
+
+    def resume(self, state: dict) -> None:
+        device = self.method.center.device
+        self.method.center = state["center"].to(device)
+        load_trained_state(self.method, self.encoder, state["modules"])
+        self.optimizers = make_optimizers(self.method, self.encoder)
+        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        set_rng_state(state["rng"])
+        self.method.set_stream_state(state["method_rng"])
+        self.epoch = state["epoch"]
+        self.steps = [{k: v.to(device) for k, v in s.items()} for s in state["steps"]]
+        self.best_key, self.last_metrics = state["best_key"], state["last_metrics"]
+        self.best = None if state["best"] is None else Snapshot(**state["best"])
+        self.history = [EpochLog(**log) for log in state["history"]]
+
+    def _save(self) -> None:
+        if self.hooks.save_state is None:
+            return
+        started = time.monotonic()
+        self.hooks.save_state(self.state())
+        self._saved_at = time.monotonic()
+        self._save_seconds = self._saved_at - started
+
+    def _where(self) -> str | None:
+        return f"epoch {self.epoch}, step {len(self.steps)}" if self.hooks.save_state is not None else None
+
+    def _check_stop(self, steps: list[StepStats]) -> None:
+        """After every step: on a stop request, save the state (mid-epoch) and stop."""
+        signum = self.hooks.stop_signal()
+        if signum:
+            self._save()
+            raise Interrupted(signum, self._where())
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> FitResult:
+        cfg: MethodConfig = self.method.config
+        bar = self.progress(range(self.epoch, cfg.meta_epochs), desc="epochs", total=cfg.meta_epochs, initial=self.epoch)
+        for epoch in bar:
+            self.epoch = epoch
+            order = epoch_order(len(self.train.source), self.seed, epoch + 1)
+            log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, order, cfg.limit, self.steps,
+                                              self._check_stop))
+            bad = [k for k, v in log.stats.items() if not math.isfinite(v)]
+            if bad:
+                raise Diverged(f"epoch {epoch}: {', '.join(f'{k} = {log.stats[k]}' for k in bad)}")
+            if (epoch + 1) % cfg.eval_epochs == 0 or epoch == cfg.meta_epochs - 1:
+                try:
+                    self.last_metrics, _ = evaluate(self.method, self.tests, full=False)
+                except Diverged as exc:
+                    raise Diverged(f"epoch {epoch}: {exc}") from exc
+                log.image_auroc = mean_over_classes(self.last_metrics, "image_auroc")
+                log.pixel_auroc = mean_over_classes(self.last_metrics, "pixel_auroc")
+                key = selection_key(self.last_metrics)
+                if key > self.best_key:
+                    self.best_key = key
+                    self.best = Snapshot(epoch, trained_state(self.method, self.encoder), self.last_metrics)
+                    if self.hooks.on_best is not None:
+                        self.hooks.on_best(self.best)
+            self.history.append(log)
+            self.epoch, self.steps = epoch + 1, []
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{log.stats['loss']:.4f}", p_true=f"{log.stats['p_true']:.2f}",
+                                p_fake=f"{log.stats['p_fake']:.2f}", i_auroc=f"{log.image_auroc:.4f}",
+                                p_auroc=f"{log.pixel_auroc:.4f}")
+            if self.hooks.on_epoch is not None:
+                self.hooks.on_epoch(log)
+            signum = self.hooks.stop_signal()
+            if signum or time.monotonic() - self._saved_at >= self._save_seconds / self.hooks.save_share:
+                self._save()
+            if signum:
+                raise Interrupted(signum, self._where())
+        assert self.best is not None  # the last epoch is always evaluated
+        return FitResult(self.best, Snapshot(cfg.meta_epochs - 1, trained_state(self.method, self.encoder),
+                                             self.last_metrics), self.history)
+
+
+def fit(method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
+        hooks: FitHooks | None = None, progress: Callable | None = None) -> FitResult:
+    """Train from scratch (see Trainer)."""
+    trainer = Trainer(method, encoder, train, tests, seed, hooks, progress)
+    trainer.start()
+    return trainer.run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,6 +657,11 @@ class Job:
     @property
     def checkpoint(self) -> str:
         return os.path.join(self.folder, CHECKPOINT_NAME)
+
+    @property
+    def train_state(self) -> str:
+        """The resumable training state of an unfinished job (removed when the job finishes)."""
+        return os.path.join(self.folder, TRAIN_STATE_NAME)
 
 
 @dataclass
@@ -614,15 +775,22 @@ def write_heatmaps(folder: str, dataset, maps: torch.Tensor) -> None:
         utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, f"{item['defect']}_{stem}.png"))
 
 
-def epoch_logger(job: Job, meta_epochs: int) -> Callable[[EpochLog], None]:
-    """Per-epoch CSV log (written every 10 epochs and at the end) and, without a progress bar, a line now and then."""
+def epoch_logger(job: Job, meta_epochs: int, history: Sequence[EpochLog] = ()) -> Callable[[EpochLog], None]:
+    """Per-epoch CSV log (written every 10 epochs and at the end) and, without a progress bar, a line now and
+    then; ``history``: the epochs before a resume."""
     lines: list[str] = []
     every = max(1, meta_epochs // PROGRESS_LINES)
 
-    def on_epoch(log: EpochLog) -> None:
+    def add(log: EpochLog) -> None:
         if not lines:
             lines.append(",".join(["epoch", *log.stats, "image_auroc", "pixel_auroc"]))
         lines.append(",".join(str(v) for v in (log.epoch, *log.stats.values(), log.image_auroc, log.pixel_auroc)))
+
+    for past in history:
+        add(past)
+
+    def on_epoch(log: EpochLog) -> None:
+        add(log)
         if log.epoch % 10 == 9 or log.epoch == meta_epochs - 1:
             utils.save_text("\n".join(lines) + "\n", job.log_path)
         if not sys.stderr.isatty() and (log.epoch + 1) % every == 0:
@@ -638,6 +806,34 @@ def checkpoint_dict(settings: RunSettings, job: Job, method: Method, complete: b
     """The self-describing checkpoint: method, configuration, classes, centers, then ``parts``."""
     return {"format": utils.CHECKPOINT_FORMAT, "method": settings.method.name, "complete": complete,
             "config": job.config, "classes": job.row_names, "center": method.center.cpu(), **parts}
+
+
+def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder, train: TrainSet,
+              tests: list[ClassTest], progress: Callable) -> tuple[FitResult, float]:
+    """Train a job, resuming from its saved training state when there is one; (result, training seconds)."""
+    previous = 0.0
+
+    def save_state(state: dict) -> None:
+        utils.save_torch({"format": utils.CHECKPOINT_FORMAT, "config": job.config, "train_seconds":
+                          previous + time.time() - started, **state}, job.train_state)
+
+    def on_best(snapshot: Snapshot) -> None:
+        utils.save_torch(checkpoint_dict(settings, job, method, False, best=snapshot.__dict__), job.checkpoint)
+
+    trainer = Trainer(method, encoder, train, tests, settings.seed, FitHooks(on_best=on_best, save_state=save_state),
+                      progress)
+    if os.path.exists(job.train_state):
+        saved = utils.load_checkpoint(job.train_state)
+        trainer.resume(saved)
+        previous = saved["train_seconds"]
+        LOG.info("%s: resuming from the training state saved at epoch %d, step %d", job.name, trainer.epoch,
+                 len(trainer.steps))
+    else:
+        trainer.start()
+    trainer.hooks.on_epoch = epoch_logger(job, settings.config.meta_epochs, trainer.history)
+    started = time.time()
+    result = trainer.run()
+    return result, previous + time.time() - started
 
 
 def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.device,
@@ -663,15 +859,8 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
         last = Snapshot(ckpt["last"]["epoch"], ckpt["last"]["state"], {})
         parts["train_seconds"] = ckpt.get("train_seconds", math.nan)
     else:
-        started = time.time()
-
-        def on_best(snapshot: Snapshot) -> None:
-            utils.save_torch(checkpoint_dict(settings, job, method, False, best=snapshot.__dict__), job.checkpoint)
-
-        fitted = fit(method, encoder, train, tests, settings.seed, epoch_logger(job, settings.config.meta_epochs),
-                     on_best, progress)
+        fitted, parts["train_seconds"] = train_job(job, settings, method, encoder, train, tests, progress)
         best, last = fitted.best, fitted.last
-        parts["train_seconds"] = time.time() - started
 
     if last.epoch != best.epoch:
         load_trained_state(method, encoder, last.state)
@@ -692,6 +881,8 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
             last={"epoch": last.epoch, "state": last.state, "metrics": last_metrics},
             normal_scores=normal_score_statistics(method, train, job.row_names),  # the best state is loaded
             torch_version=str(torch.__version__), **parts), job.checkpoint)
+        if os.path.exists(job.train_state):
+            os.remove(job.train_state)  # the finished checkpoint supersedes it
     utils.save_json({"method": settings.method.name, "setting": job.config["setting"], "seed": settings.seed,
                      "requested": job.requested, "rows": rows}, os.path.join(job.folder, METRICS_NAME))
     return rows

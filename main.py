@@ -19,13 +19,16 @@ their jobs to it; the tables are rebuilt under a lock from what is on disk.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ from common import PRECISIONS, Embedder, Method
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}
 SETTINGS = ("multi", "single")
 RESIZE_DEFAULTS = {"pbas": 288, "cras": 329}  # the releases' --resize (CRAS center-crops 288 from 329 for every class)
@@ -373,6 +377,11 @@ def check_existing(opts: RunOptions, job: engine.Job) -> None:
         return
     if opts.test == "test" and not os.path.exists(path):
         raise UserError(f"--test test: no checkpoint for {job.name} at {path}; train it first with --test ckpt")
+    if opts.test == "ckpt" and os.path.exists(job.train_state):
+        diff = engine.config_difference(utils.load_checkpoint(job.train_state)["config"], job.config)
+        if diff is not None:
+            raise UserError(f"{job.train_state} (an interrupted training) has another configuration ({diff}); "
+                            "use another --results_path or remove it")
     if not os.path.exists(path):
         return
     saved = engine.read_checkpoint(path, opts.method)
@@ -420,6 +429,21 @@ def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
 # ----------------------------------------------------------------------------------------------
 
 
+ERRORS_LOG = os.path.join("logs", "errors.log")
+OOM_HINT = "lower --batch_size, use --cache host or --cache off, or --precision bf16"
+
+
+def log_traceback(opts: RunOptions, job: engine.Job) -> str:
+    """Append the current exception's traceback to RESULTS/logs/errors.log (under the folder's lock); its path."""
+    path = os.path.join(opts.results_path, ERRORS_LOG)
+    text = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {opts.method} {job.name} seed {opts.seed}\n{traceback.format_exc()}\n"
+    with utils.locked(opts.results_path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+    return path
+
+
 def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
     """Run ``jobs`` (index, job) one after the other on one device; ``report(index, rows_or_None, error_or_None)`` after each."""
     device = utils.pick_device(gpu)
@@ -436,29 +460,57 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
                 _, stages = backbones.load_backbone(cfg.backbone)
             embedder = Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
             rows = engine.run_job(job, settings, embedder, device)
+        except engine.Interrupted as exc:
+            exc.job = job.name
+            raise
         except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
             report(index, None, str(exc))
             continue
-        except (RuntimeError, OSError) as exc:  # e.g. out of memory: keep going with the other jobs
-            LOG.debug("%s", traceback.format_exc())
-            report(index, None, f"{type(exc).__name__}: {exc}")
+        except engine.Diverged as exc:
+            report(index, None, f"diverged: {exc} (traceback in {log_traceback(opts, job)})")
+            continue
+        except torch.OutOfMemoryError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            report(index, None, f"out of memory on {device} ({first}); {OOM_HINT} (traceback in {log_traceback(opts, job)})")
+            continue
+        except (RuntimeError, OSError) as exc:  # keep going with the other jobs
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            report(index, None, f"{type(exc).__name__}: {first} (traceback in {log_traceback(opts, job)})")
             continue
         report(index, rows, None)
 
 
-def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int) -> None:
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies (even by SIGKILL), so that a
+    worker saves its state and stops instead of training on as an orphan."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's handler still forwards its signals
+        pass
+
+
+def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int, parent: int) -> None:
     """A worker process: take job indices from ``tasks`` until its sentinel (None), report rows on ``results``."""
+    die_with_parent()
+    install_stop_handlers()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        return
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [gpu {gpu}] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(threads)
     if torch.cuda.is_available() and 0 <= gpu < torch.cuda.device_count():
         torch.cuda.set_device(gpu)  # before anything touches CUDA: pinned memory would open a context on GPU 0
 
     def next_jobs():
-        while (index := tasks.get()) is not None:
+        while not engine.stop_requested() and (index := tasks.get()) is not None:
             results.put(("start", index, None, None))
             yield index, jobs[index]
 
-    run_jobs(opts, next_jobs(), gpu, lambda index, rows, error: results.put(("done", index, rows, error)))
+    try:
+        run_jobs(opts, next_jobs(), gpu, lambda index, rows, error: results.put(("done", index, rows, error)))
+    except engine.Interrupted as exc:
+        results.put(("interrupted", -1, getattr(exc, "job", None), exc.saved))
+        sys.exit(128 + exc.signum)
 
 
 def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
@@ -471,29 +523,44 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
         tasks.put(None)  # one sentinel per worker: a worker stops only when every job is handed out
     threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
     # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
-    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads)) for gpu in opts.gpu]
+    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid()))
+               for gpu in opts.gpu]
     started: set[int] = set()
     finished: set[int] = set()
+    interrupted: list[tuple] = []
+    forwarded = False
     try:
         for w in workers:
             w.start()
         while len(finished) < len(jobs):
+            signum = engine.stop_requested()
+            if signum and not forwarded:  # pass the stop on: each worker saves its job's state and exits
+                for w in workers:
+                    if w.is_alive():
+                        os.kill(w.pid, signum)
+                forwarded = True
             try:
-                kind, index, rows, error = results.get(timeout=1.0)
+                kind, index, rows, error = results.get(timeout=0.5)
             except queue.Empty:
                 if not any(w.is_alive() for w in workers):
                     break
                 continue
             if kind == "start":
                 started.add(index)
+            elif kind == "interrupted":
+                interrupted.append((rows, error))
             else:
                 finished.add(index)
                 report(index, rows, error)
     finally:
         for w in workers:
-            w.join(timeout=10)
-            if w.is_alive():  # interrupted, or stuck: do not leave it running
-                w.terminate()
+            w.join(timeout=60 if forwarded else 10)
+            if w.is_alive():  # stuck: do not leave it running
+                w.kill()
+                w.join()
+    if engine.stop_requested():
+        exc = engine.Interrupted(engine.stop_requested(), ", ".join(f"{job}: {saved}" for job, saved in interrupted if job) or None)
+        raise exc
     for index in range(len(jobs)):  # jobs lost with a crashed worker, or never started
         if index not in finished:
             report(index, None, "its worker process ended without a result" if index in started else "not run")
@@ -680,9 +747,35 @@ def checkpoint_method(g: dict) -> dict[str, type[Method]]:
 # (end of tool subcommands)
 
 
+def install_stop_handlers() -> None:
+    """SIGTERM (SLURM before its time limit, timeout, kill) and SIGINT (Ctrl-C) ask the run to stop after the
+    current training step, saving its state; a second signal stops at once."""
+    def handler(signum: int, _frame) -> None:
+        if engine.stop_requested():
+            raise KeyboardInterrupt
+        engine.request_stop(signum)
+        LOG.warning("%s received: stopping after the current step (the training state is saved); "
+                    "send it again to stop at once", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors for bad input, exit code 2; 1 when a class failed."""
+    """Entry point: one-line errors for bad input, exit code 2; 1 when a job failed; 128 + signal when stopped
+    by SIGTERM (143) or SIGINT (130)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    engine.request_stop(0)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    install_stop_handlers()
+    try:
+        return _cli(argv)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _cli(argv: list[str] | None) -> int:
     try:
         main.main(args=argv, prog_name="main.py", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -693,8 +786,19 @@ def cli(argv: list[str] | None = None) -> int:
     except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except engine.Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        job = getattr(exc, "job", None)
+        if exc.saved and job:
+            where = f"the training state of {job} is saved ({exc.saved}); run the same command again to resume"
+        elif exc.saved:
+            where = f"training states saved ({exc.saved}); run the same command again to resume"
+        else:
+            where = "finished jobs are kept; run the same command again to continue"
+        print(f"interrupted by {name}: {where}", file=sys.stderr)
+        return 128 + exc.signum
     except (click.exceptions.Abort, KeyboardInterrupt):
-        print("interrupted: finished classes and the best checkpoint so far are kept", file=sys.stderr)
+        print("interrupted: finished jobs and the best checkpoint so far are kept", file=sys.stderr)
         return 130
     except SystemExit as exc:
         return int(exc.code or 0)

@@ -174,9 +174,9 @@ def configure_precision(precision: str, device: torch.device) -> None:
         LOG.warning("--precision bf16 on the CPU: without AVX-512 BF16 or AMX it is emulated and slower than fp32")
 
 
-def progress(iterable, desc: str, total: int | None = None):
+def progress(iterable, desc: str, total: int | None = None, initial: int = 0):
     """A tqdm bar on stderr when it is a terminal; silent otherwise (logs and CI stay readable)."""
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr,
+    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, file=sys.stderr,
                 disable=None if sys.stderr.isatty() else True)
 
 

@@ -1,0 +1,164 @@
+"""Stopping and resuming: a run stopped by SIGTERM/SIGINT (or killed) and run again ends exactly as an
+uninterrupted run; stopped worker processes do not train on (CPU, tiny data)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+import main
+
+REPO = Path(__file__).resolve().parent.parent
+NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "32",
+       "--target_embed_dimension", "32", "--meta_epochs", "3"]
+DATA = ["dataset", "--batch_size", "4", "--resize", "64", "--imagesize", "64", "--num_workers", "0"]
+CASES = {"pbas": ("mvtec_texture", [*NET, "--dsc_hidden", "16"], DATA + ["-d", "texture"]),
+         "cras": ("mvtec_dataset", NET, DATA + ["--setting", "multi", "-d", "texture", "-d", "object"])}
+
+
+def argv(method: str, results: Path, root: Path) -> list[str]:
+    _, net, data = CASES[method]
+    return ["--method", method, "--seed", "0", "--results_path", str(results), *net, *data, "mvtec", str(root)]
+
+
+def stop_after(monkeypatch, steps: int, signum: int) -> None:
+    """Deliver ``signum`` (as the handler would) after the given number of training steps."""
+    taken = {"n": 0}
+    train_epoch = engine.train_epoch
+
+    def wrapped(method, optimizers, train, order, limit=-1, done=None, after_step=None):
+        def hook(so_far):
+            taken["n"] += 1
+            if taken["n"] == steps:
+                engine.request_stop(signum)
+            after_step(so_far)
+        return train_epoch(method, optimizers, train, order, limit, done, hook)
+
+    monkeypatch.setattr(engine, "train_epoch", wrapped)
+
+
+def checkpoint(results: Path, method: str) -> dict:
+    return torch.load(results / "models" / method / CASES[method][0] / "seed0" / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    else:
+        assert a == b or (a != a and b != b), where  # NaN == NaN here
+
+
+@pytest.mark.parametrize("method,stop_step,signum", [("pbas", 3, signal.SIGTERM), ("cras", 5, signal.SIGINT)])
+def test_interrupted_then_resumed_equals_uninterrupted(mvtec_root: Path, tmp_path: Path, monkeypatch, capfd,
+                                                       method, stop_step, signum):
+    """Stopped in the middle of an epoch (PBAS: epoch 1 of 3, 2 steps per epoch; CRAS: epoch 1, 4 steps per epoch)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main.cli(argv(method, straight, mvtec_root)) == 0
+    with monkeypatch.context() as m:
+        stop_after(m, stop_step, signum)
+        assert main.cli(argv(method, resumed, mvtec_root)) == 128 + signum
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("interrupted")]
+    assert len(err) == 1 and signal.Signals(signum).name in err[0] and "resume" in err[0], err
+    state_path = resumed / "models" / method / CASES[method][0] / "seed0" / engine.TRAIN_STATE_NAME
+    state = torch.load(state_path, weights_only=True)
+    assert (state["epoch"], len(state["steps"])) == divmod(stop_step, 2 if method == "pbas" else 4)
+    assert not (resumed / "results.csv").exists()
+    assert main.cli(argv(method, resumed, mvtec_root)) == 0
+    assert not state_path.exists()  # superseded by the finished checkpoint
+    assert (resumed / "results.csv").read_text() == (straight / "results.csv").read_text()
+    a, b = checkpoint(straight, method), checkpoint(resumed, method)
+    for key in ("center", "best", "last", "normal_scores"):
+        assert_same_tensors(a[key], b[key], key)
+    log = lambda r: (r / "logs" / "project" / "group" / "test" / f"{method}_{CASES[method][0]}_seed0.csv").read_text()
+    assert log(resumed) == log(straight)
+
+
+def test_a_training_state_of_another_configuration_is_refused(mvtec_root: Path, tmp_path: Path, monkeypatch, capfd):
+    with monkeypatch.context() as m:
+        stop_after(m, 1, signal.SIGTERM)
+        assert main.cli(argv("pbas", tmp_path, mvtec_root)) == 143
+    capfd.readouterr()
+    other = argv("pbas", tmp_path, mvtec_root)
+    other[other.index("--meta_epochs") + 1] = "4"
+    assert main.cli(other) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "interrupted training" in err[0] and "meta_epochs" in err[0]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def long_argv(results: Path, root: Path, *extra: str) -> list[str]:
+    args = argv("pbas", results, root)
+    args[args.index("--meta_epochs") + 1] = "60"
+    return [sys.executable, str(REPO / "main.py"), *extra, *args]
+
+
+def test_sigterm_saves_and_exits_143_then_kill_9_and_rerun_completes(mvtec_root: Path, tmp_path: Path):
+    state = tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME
+    proc = subprocess.Popen(long_argv(tmp_path, mvtec_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(state, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "interrupted by SIGTERM" in err.decode().strip().splitlines()[-1]
+    epoch = torch.load(state, weights_only=True)["epoch"]
+    proc = subprocess.Popen(long_argv(tmp_path, mvtec_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while torch.load(state, weights_only=True)["epoch"] <= epoch + 1:  # it resumed and saved again
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = subprocess.run(long_argv(tmp_path, mvtec_root), cwd=REPO, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert (tmp_path / "results.csv").is_file() and not state.exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker processes from /proc (Linux)")
+def test_killed_parent_leaves_no_worker_training(mvtec_root: Path, tmp_path: Path):
+    """--gpu 0 --gpu 1 (two worker processes; CPU here): SIGKILL the parent, the workers stop too."""
+    args = long_argv(tmp_path, mvtec_root, "--gpu", "0", "--gpu", "1")
+    args[args.index("-d") + 1: args.index("-d") + 2] = ["texture", "-d", "object"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME, proc)
+    workers = [c for c in _children(proc.pid) if _alive(c)]
+    assert len(workers) >= 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while any(_alive(w) for w in workers):
+        assert time.time() < deadline, "worker processes still running after their parent was killed"
+        time.sleep(0.1)
