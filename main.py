@@ -47,6 +47,7 @@ from utils import UserError
 
 LOG = logging.getLogger("pbas")
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
 METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}
 SETTINGS = ("multi", "single")
 RESIZE_DEFAULTS = {"pbas": 288, "cras": 329}  # the releases' --resize (CRAS center-crops 288 from 329 for every class)
@@ -750,9 +751,14 @@ def checkpoint_method(g: dict) -> dict[str, type[Method]]:
 def install_stop_handlers() -> None:
     """SIGTERM (SLURM before its time limit, timeout, kill) and SIGINT (Ctrl-C) ask the run to stop after the
     current training step, saving its state; a second signal stops at once."""
+    first = {"at": 0.0}
+
     def handler(signum: int, _frame) -> None:
         if engine.stop_requested():
+            if time.monotonic() - first["at"] < DUPLICATE_SIGNAL_SECONDS:
+                return  # the same stop delivered twice (to the process group and forwarded by a parent)
             raise KeyboardInterrupt
+        first["at"] = time.monotonic()
         engine.request_stop(signum)
         LOG.warning("%s received: stopping after the current step (the training state is saved); "
                     "send it again to stop at once", signal.Signals(signum).name)

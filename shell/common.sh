@@ -13,32 +13,36 @@ DATAPATH="$(realpath -m "$DATAPATH")"
 RESULTS="$(realpath -m "${RESULTS:-$REPO/results}")"
 cd "$REPO"
 
-run_release() {  # run_release DATASET CLASS...
+# release_cmd / cras_cmd set CMD to the command line (an array); run_release / run_cras run it.
+release_cmd() {  # release_cmd DATASET CLASS...   (PBAS release, PBAS_SPEC section 8)
   local dataset="$1"; shift
   local classes=()
   for c in "$@"; do classes+=(-d "$c"); done
-  python3 main.py --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}" \
-    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 \
-        --target_embed_dimension 1536 --patchsize 3 --meta_epochs "${EPOCHS:-640}" --eval_epochs 1 \
-        --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25 \
-    dataset --batch_size 8 --resize 288 --imagesize 288 "${classes[@]}" "$dataset" "$DATAPATH"
+  CMD=(python3 main.py --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}"
+    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536
+        --target_embed_dimension 1536 --patchsize 3 --meta_epochs "${EPOCHS:-640}" --eval_epochs 1
+        --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25
+    dataset --batch_size 8 --resize 288 --imagesize 288 "${classes[@]}" "$dataset" "$DATAPATH")
 }
 
-run_cras() {  # run_cras DATASET multi|single CLASS...   (CRAS release: multi bs 32 / 100 epochs, single bs 8 / 640)
+cras_cmd() {  # cras_cmd DATASET multi|single CLASS...   (CRAS release: multi bs 32 / 100 epochs, single bs 8 / 640)
   local dataset="$1" setting="$2"; shift 2
   local epochs batch
   case "$setting" in
     multi) epochs=100; batch=32 ;;
     single) epochs=640; batch=8 ;;
-    *) echo "run_cras: setting must be multi or single, got '$setting'" >&2; return 2 ;;
+    *) echo "cras_cmd: setting must be multi or single, got '$setting'" >&2; return 2 ;;
   esac
   local classes=()
   for c in "$@"; do classes+=(-d "$c"); done
-  python3 main.py --method cras --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" \
-      "${EXTRA_ARGS[@]}" \
-    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 --target_embed_dimension 1536 \
-        --patchsize 3 --meta_epochs "${EPOCHS:-$epochs}" --eval_epochs 1 --dsc_layers 3 --pre_proj 1 \
-        --noise 0.015 --k 0.3 --limit -1 \
-    dataset --setting "$setting" --batch_size "$batch" --resize 329 --imagesize 288 "${classes[@]}" \
-        "$dataset" "$DATAPATH"
+  CMD=(python3 main.py --method cras --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS"
+      "${EXTRA_ARGS[@]}"
+    net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 --target_embed_dimension 1536
+        --patchsize 3 --meta_epochs "${EPOCHS:-$epochs}" --eval_epochs 1 --dsc_layers 3 --pre_proj 1
+        --noise 0.015 --k 0.3 --limit -1
+    dataset --setting "$setting" --batch_size "$batch" --resize 329 --imagesize 288 "${classes[@]}"
+        "$dataset" "$DATAPATH")
 }
+
+run_release() { release_cmd "$@" && "${CMD[@]}"; }  # run_release DATASET CLASS...
+run_cras() { cras_cmd "$@" && "${CMD[@]}"; }  # run_cras DATASET multi|single CLASS...

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Print a sweep table for shell/slurm/task.sh: one line per array task, tab-separated:
+#   METHOD  SETTING  DATASET  DATAPATH  SEED  CLASSES (comma-separated)  [extra main.py options, space-separated]
+# PBAS and CRAS single: one line per class and seed; CRAS multi: one line per seed (all classes, one model).
+#   bash shell/slurm/make_table.sh pbas single mvtec /data/mvtec "0 1 2" > sweep.tsv
+#   bash shell/slurm/make_table.sh cras multi mvtec /data/mvtec "0 1 2" >> sweep.tsv
+#   bash shell/slurm/make_table.sh cras single visa /data/visa 0 "candle pcb1" "--precision bf16" >> sweep.tsv
+# Arguments: METHOD SETTING DATASET DATAPATH SEEDS [CLASSES (default: the dataset's official classes)] [EXTRA]
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+if [[ $# -lt 5 || $# -gt 7 ]]; then
+  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+method="$1" setting="$2" dataset="$3" datapath="$4" seeds="$5" classes="${6:-}" extra="${7:-}"
+case "$method/$setting" in
+  pbas/single|cras/single|cras/multi) ;;
+  *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single or cras/multi, got $method/$setting" >&2; exit 2 ;;
+esac
+if [[ -z "$classes" ]]; then
+  classes="$(cd "$REPO" && python3 -c "import sys, datasets; print(' '.join(datasets.CLASSES[sys.argv[1]]))" "$dataset" 2>/dev/null)" || {
+    echo "make_table.sh: unknown dataset '$dataset'; give its classes as the 6th argument" >&2; exit 2; }
+fi
+datapath="$(realpath -m "$datapath")"
+for seed in $seeds; do
+  if [[ "$setting" == multi ]]; then
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$method" "$setting" "$dataset" "$datapath" "$seed" "$(tr ' ' ',' <<< "$classes")" "$extra"
+  else
+    for c in $classes; do
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$method" "$setting" "$dataset" "$datapath" "$seed" "$c" "$extra"
+    done
+  fi
+done

@@ -1,0 +1,109 @@
+"""shell/slurm without SLURM: the task table, the task script with SLURM_ARRAY_TASK_ID set, the local runner,
+signal forwarding and requeueing (main.py replaced by a stub that records its command line)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM = REPO / "shell" / "slurm"
+
+STUB = """#!/usr/bin/env bash
+echo "$@" >> "$STUB_LOG"
+if [[ -n "${STUB_WAIT:-}" ]]; then
+  trap 'echo TERM >> "$STUB_LOG"; exit 143' TERM
+  touch "$STUB_WAIT"; while true; do sleep 0.05; done
+fi
+exit "${STUB_EXIT:-0}"
+"""
+
+
+def stub_env(tmp_path: Path, **extra: str) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("python3", STUB), ("scontrol", '#!/usr/bin/env bash\necho "scontrol $*" >> "$STUB_LOG"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "calls.log"),
+           "RESULTS": str(tmp_path / "results")}
+    env.pop("SLURM_JOB_ID", None)
+    return {**env, **extra}
+
+
+def make_table(tmp_path: Path) -> Path:
+    table = tmp_path / "sweep.tsv"
+    with open(table, "w") as f:
+        for args in (["pbas", "single", "mvtec", "/data/mvtec", "0 1", "carpet grid"],
+                     ["cras", "multi", "mvtec", "/data/mvtec", "0 1", "carpet grid", "--precision bf16"]):
+            subprocess.run(["bash", str(SLURM / "make_table.sh"), *args], stdout=f, check=True)
+    return table
+
+
+def calls(tmp_path: Path) -> list[str]:
+    return (tmp_path / "calls.log").read_text().splitlines()
+
+
+def test_table_lines(tmp_path: Path):
+    lines = [line.split("\t") for line in make_table(tmp_path).read_text().splitlines()]
+    assert [(l[0], l[1], l[4], l[5]) for l in lines] == [
+        ("pbas", "single", "0", "carpet"), ("pbas", "single", "0", "grid"), ("pbas", "single", "1", "carpet"),
+        ("pbas", "single", "1", "grid"), ("cras", "multi", "0", "carpet,grid"), ("cras", "multi", "1", "carpet,grid")]
+    assert lines[5][6] == "--precision bf16"
+    official = subprocess.run(["bash", str(SLURM / "make_table.sh"), "pbas", "single", "mpdd", "/d", "0"],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [l.split("\t")[5] for l in official] == ["bracket_black", "bracket_brown", "bracket_white", "connector",
+                                                    "metal_plate", "tubes"]
+    bad = subprocess.run(["bash", str(SLURM / "make_table.sh"), "pbas", "multi", "mvtec", "/d", "0"], capture_output=True)
+    assert bad.returncode == 2
+
+
+def test_task_runs_its_line_with_the_release_configuration(tmp_path: Path):
+    table = make_table(tmp_path)
+    for task in (3, 5):
+        env = stub_env(tmp_path, TABLE=str(table), SLURM_ARRAY_TASK_ID=str(task))
+        subprocess.run(["bash", str(SLURM / "task.sh")], env=env, check=True, capture_output=True)
+    pbas_call, cras_call = calls(tmp_path)
+    assert pbas_call.startswith("main.py --gpu 0 --seed 0 --test ckpt") and "--seed 1 net" in pbas_call  # the later --seed wins
+    assert "--dsc_hidden 1024" in pbas_call and pbas_call.endswith("-d grid mvtec /data/mvtec")
+    assert cras_call.startswith("main.py --method cras") and "--seed 1 --precision bf16 net" in cras_call
+    assert "--setting multi --batch_size 32" in cras_call and cras_call.endswith("-d carpet -d grid mvtec /data/mvtec")
+    missing = subprocess.run(["bash", str(SLURM / "task.sh")], env=stub_env(tmp_path, TABLE=str(table),
+                             SLURM_ARRAY_TASK_ID="6"), capture_output=True, text=True)
+    assert missing.returncode == 2 and "no line 6" in missing.stderr
+
+
+def test_stopped_task_is_requeued_under_slurm(tmp_path: Path):
+    env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_EXIT="143",
+                   SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="70")
+    done = subprocess.run(["bash", str(SLURM / "task.sh")], env=env, capture_output=True)
+    assert done.returncode == 143
+    assert calls(tmp_path)[-1] == "scontrol requeue 70_0"
+
+
+def test_sigterm_is_passed_on_to_main_py(tmp_path: Path):
+    ready = tmp_path / "ready"
+    env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_WAIT=str(ready))
+    proc = subprocess.Popen(["bash", str(SLURM / "task.sh")], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while not ready.exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert calls(tmp_path)[-1] == "TERM"
+
+
+def test_local_runner_runs_every_task_in_order(tmp_path: Path):
+    env = stub_env(tmp_path)
+    subprocess.run(["bash", str(SLURM / "run-local.sh"), str(make_table(tmp_path))], env=env, check=True,
+                   capture_output=True)
+    runs = calls(tmp_path)
+    assert len(runs) == 6 and [("--method cras" in r) for r in runs] == [False] * 4 + [True] * 2
+    interrupted = stub_env(tmp_path, STUB_EXIT="143")
+    (tmp_path / "calls.log").unlink()
+    done = subprocess.run(["bash", str(SLURM / "run-local.sh"), str(tmp_path / "sweep.tsv")], env=interrupted,
+                          capture_output=True)
+    assert done.returncode == 143 and len(calls(tmp_path)) == 1  # stops at the interrupted task
