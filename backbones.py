@@ -12,6 +12,7 @@ the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or be downloadable; if nei
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,13 +51,21 @@ def _load_torchvision(arch: Callable[..., torch.nn.Module], weights: torchvision
         return model
     path = _torchvision_weights_file(weights)
     try:
-        state = weights.get_state_dict(progress=False, check_hash=False)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a corrupt file is a RuntimeError
+        # weights_only: a weights file (often copied in by hand on offline machines) is read as tensors, never
+        # unpickled as code; downloads go to the same cache file first
+        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=False, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise BackboneError(f"{path} is not a plain weights file (it asks to run code when loaded); "
+                            f"replace it with {weights.url}") from exc
+    except (OSError, RuntimeError, EOFError) as exc:  # URLError is an OSError; a corrupt file is a RuntimeError
         raise BackboneError(
             f"pretrained weights {os.path.basename(path)} not found and not downloadable ({type(exc).__name__}); "
             f"download {weights.url} and put it at {path} (set TORCH_HOME to use another cache folder)"
         ) from exc
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise BackboneError(f"{path} does not hold the weights of this network; replace it with {weights.url}") from exc
     return model
 
 

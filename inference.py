@@ -57,6 +57,7 @@ LOG = logging.getLogger("pbas")
 NORMAL_PIXEL_QUANTILE = 0.999  # pixel threshold: this quantile of the normal training pixel scores
 OVERLAY_ALPHA = 0.5  # weight of the jet colours in the overlay PNGs
 PREDICTIONS_NAME = "predictions.csv"
+OVERLAY_SUFFIX, MASK_SUFFIX = "_overlay.png", "_mask.png"
 PREDICTION_COLUMNS = ("path", "class", "image_score", "decision", "image_threshold", "pixel_threshold", "overlay", "mask")
 ANOMALOUS, NORMAL = "anomalous", "normal"
 ONNX_OPSET = 18  # the opset the dynamo exporter writes natively
@@ -334,10 +335,11 @@ def _output_stem(relative: str) -> str:
     return "__".join(parts) + ("_" + ext[1:].lower() if ext else "")
 
 
-def collect_inputs(paths: Sequence[str]) -> list[InputImage]:
+def collect_inputs(paths: Sequence[str], taken: dict[str, str] | None = None) -> list[InputImage]:
     """Files as given (any extension) and image files of folders (recursive); unique output names.
 
-    A missing path is a UserError; so is finding no image at all.
+    A missing path is a UserError; so is finding no image at all. ``taken``: output stems already used in the
+    output folder, by the absolute path of the image they belong to (that image keeps its stem; others avoid it).
     """
     found: list[tuple[str, str]] = []
     for given in paths:
@@ -349,17 +351,37 @@ def collect_inputs(paths: Sequence[str]) -> list[InputImage]:
             raise UserError(f"no such file or folder: {given}")
     if not found:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(paths)}")
-    used: set[str] = set()
+    taken = taken or {}
+    used: set[str] = {stem.lower() for stem in taken.values()}
     inputs = []
     for path, relative in found:
+        if os.path.abspath(path) in taken:  # predicted into this folder before: its outputs are replaced
+            inputs.append(InputImage(path, taken[os.path.abspath(path)]))
+            continue
         stem = base = _output_stem(relative)
         count = 1
-        while stem.lower() in used:  # same relative path under two given folders (case-insensitive file systems too)
+        while stem.lower() in used:  # same relative path under two given folders or runs (case-insensitive too)
             count += 1
             stem = f"{base}-{count}"
         used.add(stem.lower())
         inputs.append(InputImage(path, stem))
     return inputs
+
+
+def read_predictions(output: str) -> list[dict]:
+    """The rows of an existing OUTPUT/predictions.csv (none when there is none); a UserError if it is not ours."""
+    path = os.path.join(output, PREDICTIONS_NAME)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}); use another --output") from exc
+    if reader.fieldnames != list(PREDICTION_COLUMNS):
+        raise UserError(f"{path} is not a predictions file of this version; use another --output")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +419,7 @@ def _write_outputs(d: Decoded, classname: str, score: float, amap: torch.Tensor,
                    thresholds: tuple[float, float], output: str) -> dict:
     """Overlay and mask PNGs at the original size; the image's predictions.csv row."""
     scores, inside = to_original(amap, geometry)
-    overlay_name, mask_name = f"{d.item.name}_overlay.png", f"{d.item.name}_mask.png"
+    overlay_name, mask_name = f"{d.item.name}{OVERLAY_SUFFIX}", f"{d.item.name}{MASK_SUFFIX}"
     utils.save_png(overlay(d.rgb, scores, inside), os.path.join(output, overlay_name))
     utils.save_png(binary_mask(scores, inside, thresholds[1]), os.path.join(output, mask_name))  # [H, W] uint8: mode L
     return {"path": d.item.path, "class": classname, "image_score": repr(score), "decision": ANOMALOUS if score > thresholds[0] else NORMAL,
@@ -432,9 +454,7 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     """
     if opts.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
-    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
-        raise UserError(f"--output {opts.output} exists and is not a folder")
-    items = collect_inputs(opts.inputs)
+    collect_inputs(opts.inputs)  # one-line errors for missing inputs before anything is loaded
     device = utils.pick_device(opts.gpu)
     utils.configure_precision(opts.precision, device)
     model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
@@ -442,6 +462,18 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     resize, size = model.resize, model.method.config.imagesize
     transform = datasets.image_transform(resize, size)
     infer = model.graph().eval()
+    utils.check_writable_folder(opts.output, "--output")
+    with utils.locked(opts.output):  # predicts into one folder take turns; rows and files of earlier ones stay
+        return _predict_into(opts, model, thresholds, transform, infer, device)
+
+
+def _predict_into(opts: PredictOptions, model: LoadedModel, thresholds: dict, transform, infer, device) -> int:
+    """predict's work inside the locked output folder: earlier rows are kept, an image predicted again is replaced."""
+    earlier = read_predictions(opts.output)
+    taken = {os.path.abspath(r["path"]): r["overlay"][: -len(OVERLAY_SUFFIX)] for r in earlier
+             if r["overlay"].endswith(OVERLAY_SUFFIX)}
+    items = collect_inputs(opts.inputs, taken)
+    resize, size = model.resize, model.method.config.imagesize
     for name, (image_t, pixel_t) in thresholds.items():
         LOG.info("%s: image threshold %.6g, pixel threshold %.6g", name, image_t, pixel_t)
     LOG.info("%d image(s); %s", len(items), device)
@@ -459,7 +491,9 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
                 rows.append(_write_outputs(d, name, score, amap, geometry, thresholds[name], opts.output))
         bar.update(len(chunk))
     bar.close()
-    utils.save_text(predictions_csv(rows), os.path.join(opts.output, PREDICTIONS_NAME))
+    new = {os.path.abspath(r["path"]) for r in rows}
+    kept = [r for r in earlier if os.path.abspath(r["path"]) not in new]
+    utils.save_text(predictions_csv(kept + rows), os.path.join(opts.output, PREDICTIONS_NAME))
     skipped = len(items) - len(rows)
     anomalous = sum(row["decision"] == ANOMALOUS for row in rows)
     LOG.info("scored %d image(s) (%d anomalous), skipped %d; results in %s", len(rows), anomalous, skipped,
@@ -531,6 +565,7 @@ def export_onnx(checkpoint: str, output: str, methods: dict[str, type[Method]], 
         raise UserError(f"--opset {opset}: the installed onnx package knows opsets up to {newest}")
     if os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; give a file name such as model.onnx")
+    utils.check_writable_folder(os.path.dirname(os.path.abspath(output)), "the folder of --output")
     model, _ = load_model(checkpoint, torch.device("cpu"), methods, "fp32")
     data = onnx_bytes(model, opset)
     size = model.method.config.imagesize

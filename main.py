@@ -276,6 +276,13 @@ def check_ranges(method: str, net: dict, data: dict) -> None:
         raise UserError(f"--dsc_layers {net['dsc_layers']} halves 2 x {net['target_embed_dimension']} below one unit")
     if net["lr"] <= 0:
         raise UserError(f"--lr must be positive, got {net['lr']}")
+    if net["k"] < 0:
+        raise UserError(f"--k must be non-negative, got {net['k']}")
+    if net["dsc_margin"] is not None and not 0 <= net["dsc_margin"] <= 1:
+        raise UserError(f"--dsc_margin is a score threshold in [0, 1], got {net['dsc_margin']}")
+    if data["imagesize"] > data["resize"]:
+        raise UserError(f"--imagesize {data['imagesize']} is larger than --resize {data['resize']}: the center crop "
+                        "would pad the images with black borders")
 
 
 @dataclass
@@ -306,6 +313,8 @@ class RunOptions:
         if len(net["backbone_names"]) != 1 or ".seed-" in net["backbone_names"][0]:
             raise UserError(f"give exactly one backbone with -b (no '.seed-N' suffix: use --seed); got {list(net['backbone_names'])}")
         name = data["name"]
+        if g["seed"] < 0:
+            raise UserError(f"--seed must be non-negative, got {g['seed']}")
         if name not in datasets.DATASET_NAMES:
             raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
         check_ranges(method, net, data)
@@ -567,6 +576,12 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
             report(index, None, "its worker process ended without a result" if index in started else "not run")
 
 
+def check_devices(opts: RunOptions) -> None:
+    """Every --gpu id exists (where CUDA is available): a one-line error now, not a failed job later."""
+    for gpu in opts.gpu:
+        utils.pick_device(gpu)
+
+
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.csv"
 
@@ -628,9 +643,12 @@ def rebuild_results(results_path: str) -> None:
 def run(opts: RunOptions) -> list[str]:
     """Run every job (in this process, or one process per --gpu id); return the names of the jobs that failed."""
     jobs = prepare_jobs(opts)
+    check_devices(opts)
     _, stages = backbones.load_backbone(opts.config.backbone)  # fails early on a missing weights file
     backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
     del stages
+    utils.check_writable_folder(opts.results_path, "--results_path")
+    utils.check_writable_folder(opts.log_dir, "--log_project/--log_group/--run_name: the log folder")
 
     record_configs(opts, jobs)
     order = [name for job in jobs for name in job.row_names]

@@ -70,6 +70,19 @@ def _atomic_write(path: str, write) -> None:
             os.unlink(tmp)
 
 
+def check_writable_folder(path: str, option: str) -> None:
+    """Create ``path`` if needed and check that files can be written there; a one-line UserError otherwise
+    (before any long work starts)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path} cannot be written ({exc.strerror or type(exc).__name__})") from exc
+
+
 def save_torch(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 

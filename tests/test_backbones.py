@@ -27,13 +27,44 @@ def test_missing_torchvision_weights_name_the_file_and_folder(monkeypatch, tmp_p
         calls.append(1)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(backbones.BackboneError) as info:
         backbones.load_backbone("wideresnet50")
     message = str(info.value)
     assert "\n" not in message
     assert calls  # the patched (offline) weights API was used, whatever this machine's network
     assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+
+
+class _Payload:
+    """Unpickling this runs code (creates a file): what a tampered weights file could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_weights_file_that_runs_code_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"conv1.weight": _Payload(str(marker))}, folder / "resnet18-f37072fd.pth")
+    with pytest.raises(backbones.BackboneError) as info:
+        backbones.load_backbone("resnet18")
+    assert not marker.exists()  # nothing ran
+    assert "resnet18-f37072fd.pth" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_weights_file_of_another_network_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"not_a_layer.weight": torch.zeros(1)}, folder / "resnet18-f37072fd.pth")
+    with pytest.raises(backbones.BackboneError, match="does not hold the weights"):
+        backbones.load_backbone("resnet18")
 
 
 def test_efficientnet_lite0_loads_real_weights_offline():

@@ -249,3 +249,28 @@ def test_host_cache_gives_the_same_metrics(mvtec_run: Path, mvtec_root: Path, tm
     host, device = read_results(tmp_path / "results.csv")["mvtec_texture"], read_results(mvtec_run / "results.csv")["mvtec_texture"]
     for key in host:
         assert host[key] == pytest.approx(device[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("glob,net,data,words", [
+    (("--seed", "-1"), (), (), "--seed"),
+    ((), ("--k", "-0.1"), (), "--k"),
+    ((), ("--dsc_margin", "1.5"), (), "--dsc_margin"),
+    ((), (), ("--imagesize", "96"), "larger than --resize"),
+    ((), (), ("--batch_size", "0"), "--batch_size"),
+])
+def test_option_values_that_make_no_sense_are_one_line_errors(mvtec_root: Path, tmp_path: Path, capfd, glob, net, data,
+                                                              words):
+    results = tmp_path / "r"
+    code = main.cli(["--results_path", str(results), *glob, *NET, *net, *DATA, *data, "-d", "object", "mvtec",
+                     str(mvtec_root)])
+    expect_one_line_error(capfd, results, code, words)
+
+
+def test_results_path_that_cannot_be_written_is_a_one_line_error(mvtec_root: Path, tmp_path: Path, capfd):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for results, words in ((blocker, "not a folder"), (blocker / "sub", "cannot be written")):
+        code = run_cli(results, "-d", "object", "mvtec", str(mvtec_root))
+        err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(err) == 1 and "--results_path" in err[0] and words in err[0], err
+    assert blocker.read_text() == "x"

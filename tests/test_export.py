@@ -69,3 +69,14 @@ def test_export_rejects_a_corrupt_checkpoint_and_a_folder(trained_checkpoint: Pa
     assert "not a readable checkpoint" in capsys.readouterr().err
     assert main.cli(["export", "--checkpoint", str(trained_checkpoint), "--output", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_export_to_a_folder_that_cannot_be_written_fails_before_exporting(trained_checkpoint: Path, tmp_path: Path,
+                                                                          capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(inference, "onnx_bytes", lambda *a, **k: pytest.fail("exported before checking the output"))
+    capsys.readouterr()
+    assert main.cli(["export", "--checkpoint", str(trained_checkpoint), "--output", str(blocker / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "not a folder" in err

@@ -26,7 +26,7 @@ def predict_cli(checkpoint: Path, output: Path, *inputs: Path | str, extra: tupl
 
 
 def read_predictions(output: Path) -> dict[str, dict[str, str]]:
-    with open(output / inference.PREDICTIONS_NAME) as f:
+    with open(output / inference.PREDICTIONS_NAME, newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == list(inference.PREDICTION_COLUMNS)
     return {row["path"]: row for row in rows}
@@ -262,3 +262,41 @@ def test_old_checkpoint_without_normal_scores_needs_numbers(trained_checkpoint: 
     assert predict_cli(path, tmp_path / "out", folder) == 2
     one_line_error(capsys, "no normal training scores")
     assert predict_cli(path, tmp_path / "out", folder, extra=("--threshold", "0.5", "--pixel_threshold", "0.5")) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# one output folder, several predicts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_two_predicts_into_one_folder_keep_each_others_rows_and_files(trained_checkpoint: Path, mvtec_root: Path,
+                                                                      tmp_path: Path):
+    out = tmp_path / "out"
+    a, b = tmp_path / "a", tmp_path / "b"  # two folders holding files of the same names
+    for folder, source in ((a, "good"), (b, "scratch")):
+        folder.mkdir()
+        for i, image in enumerate(sorted((mvtec_root / CLASS_NAME / "test" / source).iterdir())[:2]):
+            (folder / f"{i:03d}.png").write_bytes(image.read_bytes())
+    assert predict_cli(trained_checkpoint, out, a) == 0
+    first = read_predictions(out)
+    overlays = {p: Image.open(out / r["overlay"]).tobytes() for p, r in first.items()}
+    assert predict_cli(trained_checkpoint, out, b) == 0
+    both = read_predictions(out)
+    assert set(both) == set(first) | {str(b / "000.png"), str(b / "001.png")}
+    assert len({r["overlay"] for r in both.values()}) == 4  # no file of the first run was overwritten
+    for path, data in overlays.items():
+        assert Image.open(out / both[path]["overlay"]).tobytes() == data
+    assert predict_cli(trained_checkpoint, out, a) == 0  # the same images again: replaced, not duplicated
+    again = read_predictions(out)
+    assert set(again) == set(both) and {p: r["overlay"] for p, r in again.items()} == {p: r["overlay"] for p, r in both.items()}
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_one_line_error(trained_checkpoint: Path, mvtec_root: Path,
+                                                                     tmp_path: Path, capsys: pytest.CaptureFixture):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert predict_cli(trained_checkpoint, blocker, mvtec_root / CLASS_NAME / "test") == 2
+    one_line_error(capsys, "--output", "not a folder")
+    assert predict_cli(trained_checkpoint, blocker / "sub", mvtec_root / CLASS_NAME / "test") == 2
+    one_line_error(capsys, "--output", "cannot be written")
