@@ -107,7 +107,7 @@ def given_options(ctx: click.Context, options: dict) -> dict:
               help="pbas: PBAS (TCSVT 2025), one model per class; cras: CRAS (TII 2025), one model for all classes "
                    "(--setting multi) or one per class. Method-dependent defaults are listed as 'pbas: ...; cras: ...'.")
 @click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run jobs in parallel, one process per GPU. "
-                   "The CPU is used when CUDA is unavailable.")
+                   "A negative id, or any id when CUDA is unavailable, runs on the CPU.")
 @click.option("--seed", type=int, default=0, help="Seed for Python, NumPy and torch, set before each job.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt",
               help="ckpt: train (or reuse a finished checkpoint) then test; test: only evaluate saved checkpoints.")

@@ -62,7 +62,7 @@ TRAIN_ARGS = ("net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "bloc
 def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """checkpoint.pt of class 'texture' trained for 2 epochs (do not modify; copy it first)."""
     results = tmp_path_factory.mktemp("trained")
-    assert main.cli(["--results_path", str(results), *TRAIN_ARGS, "mvtec", str(mvtec_root)]) == 0
+    assert main.cli(["--gpu", "-1", "--results_path", str(results), *TRAIN_ARGS, "mvtec", str(mvtec_root)]) == 0
     path = results / "models" / "pbas" / f"mvtec_{TRAINED_CLASS}" / "seed0" / engine.CHECKPOINT_NAME
     assert path.is_file()
     return path

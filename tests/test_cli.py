@@ -21,7 +21,7 @@ DATA = ["dataset", "--batch_size", "4", "--resize", "64", "--imagesize", "64", "
 
 def run_cli(results: Path, *args: str, test: str = "ckpt", net: list[str] = NET, data_opts: tuple[str, ...] = (),
             glob: tuple[str, ...] = ()) -> int:
-    return main.cli(["--seed", "0", "--test", test, "--results_path", str(results), *glob, *net, *DATA, *data_opts, *args])
+    return main.cli(["--gpu", "-1", "--seed", "0", "--test", test, "--results_path", str(results), *glob, *net, *DATA, *data_opts, *args])
 
 
 def read_results(path: Path) -> dict[str, dict[str, float]]:
@@ -231,9 +231,9 @@ def test_error_bad_option_value_is_one_line(mvtec_root: Path, tmp_path: Path, ca
 
 
 def test_two_worker_processes_give_a_whole_table_in_class_order(mvtec_run: Path, mvtec_root: Path, tmp_path: Path):
-    """--gpu 0 --gpu 1 runs one process per id (CPU processes here); results.csv comes out whole, in class order,
+    """--gpu -1 --gpu -2 runs one process per id (CPU processes: negative ids); results.csv comes out whole, in class order,
     with the same metrics as the single-process run."""
-    code = main.cli(["--seed", "0", "--results_path", str(tmp_path), "--gpu", "0", "--gpu", "1", *NET, *DATA[:-2],
+    code = main.cli(["--seed", "0", "--results_path", str(tmp_path), "--gpu", "-1", "--gpu", "-2", *NET, *DATA[:-2],
                      "--num_workers", "1",  # each worker process starts a data-loading process of its own
                      "-d", "texture", "-d", "object", "mvtec", str(mvtec_root)])
     assert code == 0

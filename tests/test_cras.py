@@ -23,7 +23,7 @@ DATA = ["dataset", "--batch_size", "4", "--resize", "64", "--imagesize", "64", "
 
 def run_cli(results: Path, *args: str, test: str = "ckpt", setting: str = "multi", net: list[str] = NET,
             glob: tuple[str, ...] = ()) -> int:
-    return main.cli(["--method", "cras", "--seed", "0", "--test", test, "--results_path", str(results), *glob, *net,
+    return main.cli(["--gpu", "-1", "--method", "cras", "--seed", "0", "--test", test, "--results_path", str(results), *glob, *net,
                      *DATA, "--setting", setting, *args])
 
 

@@ -135,8 +135,8 @@ def test_mvtec_pairs_images_and_masks_in_sorted_order(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(class_dir / "test/good/z.JPG")
     for name in ("c.png", "a.png", "b.bmp"):
         Image.new("RGB", (8, 8)).save(class_dir / "test/dent" / name)
-    for name in ("y_mask.png", "z_mask.png", "x_mask.png"):
-        Image.new("L", (8, 8)).save(class_dir / "ground_truth/dent" / name)
+    for name in ("y_mask.png", "z_mask.png", "x_mask.png"):  # names unrelated to the images: paired silently
+        Image.new("L", (8, 8), 255).save(class_dir / "ground_truth/dent" / name)
     (class_dir / "test/dent/notes.txt").write_text("ignored")
     _, test = build_datasets("mpdd", tmp_path, "custom", 8, 8)
     pairs = [(os.path.basename(s.image_path), s.mask_path and os.path.basename(s.mask_path)) for s in test.samples]

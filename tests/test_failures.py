@@ -10,7 +10,7 @@ import torch
 import main
 import pbas
 
-ARGS = ["--seed", "0", "net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4",
+ARGS = ["--gpu", "-1", "--seed", "0", "net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32", "--dsc_hidden", "16", "--meta_epochs", "2",
         "dataset", "--batch_size", "4", "--resize", "64", "--imagesize", "64", "--num_workers", "0",
         "-d", "texture", "-d", "object", "mvtec"]

@@ -88,3 +88,17 @@ def test_a_bf16_training_step_on_the_cpu(method):
     after = model.discriminator.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+@pytest.mark.parametrize("precision,matmul,cudnn", [("fp32", "highest", False), ("tf32", "high", True), ("bf16", "highest", False)])
+def test_precision_switches(precision, matmul, cudnn):
+    """fp32 really is fp32 (PyTorch leaves TF32 on for cuDNN convolutions by default); tf32 turns both on."""
+    import utils
+
+    try:
+        utils.configure_precision(precision, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == matmul
+        assert torch.backends.cudnn.allow_tf32 is cudnn
+    finally:
+        utils.configure_precision("fp32", torch.device("cpu"))
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default

@@ -22,7 +22,7 @@ ATOL = 1e-5
 
 
 def predict_cli(checkpoint: Path, output: Path, *inputs: Path | str, extra: tuple[str, ...] = ()) -> int:
-    return main.cli(["predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--output", str(output), *extra])
+    return main.cli(["--gpu", "-1", "predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--output", str(output), *extra])
 
 
 def read_predictions(output: Path) -> dict[str, dict[str, str]]:

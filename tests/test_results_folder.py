@@ -23,7 +23,7 @@ PBAS_NET = [*NET, "--dsc_hidden", "16"]
 
 def argv(results: Path, root: Path, *classes: str, method: str = "pbas", seed: int = 0, setting: str = "multi") -> list[str]:
     net, data = (PBAS_NET, DATA) if method == "pbas" else (NET, [*DATA, "--setting", setting])
-    return ["--method", method, "--seed", str(seed), "--results_path", str(results), *net, *data,
+    return ["--gpu", "-1", "--method", method, "--seed", str(seed), "--results_path", str(results), *net, *data,
             *[a for c in classes for a in ("-d", c)], "mvtec", str(root)]
 
 

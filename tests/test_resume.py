@@ -25,7 +25,7 @@ CASES = {"pbas": ("mvtec_texture", [*NET, "--dsc_hidden", "16"], DATA + ["-d", "
 
 def argv(method: str, results: Path, root: Path) -> list[str]:
     _, net, data = CASES[method]
-    return ["--method", method, "--seed", "0", "--results_path", str(results), *net, *data, "mvtec", str(root)]
+    return ["--gpu", "-1", "--method", method, "--seed", "0", "--results_path", str(results), *net, *data, "mvtec", str(root)]
 
 
 def stop_after(monkeypatch, steps: int, signum: int) -> None:
@@ -149,8 +149,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker processes from /proc (Linux)")
 def test_killed_parent_leaves_no_worker_training(mvtec_root: Path, tmp_path: Path):
-    """--gpu 0 --gpu 1 (two worker processes; CPU here): SIGKILL the parent, the workers stop too."""
-    args = long_argv(tmp_path, mvtec_root, "--gpu", "0", "--gpu", "1")
+    """--gpu -1 --gpu -2 (two worker processes on the CPU): SIGKILL the parent, the workers stop too."""
+    args = long_argv(tmp_path, mvtec_root, "--gpu", "-1", "--gpu", "-2")
     args[args.index("-d") + 1: args.index("-d") + 2] = ["texture", "-d", "object"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME, proc)
