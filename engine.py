@@ -642,6 +642,7 @@ class Job:
     classnames: list[str]
     trains: list  # per class: its training set
     tests: list  # per class: its test set
+    seed: int
     config: dict  # what its checkpoint records and must match
     folder: str  # RESULTS/models/METHOD/NAME/seedN
     log_path: str  # per-epoch CSV log
@@ -673,7 +674,6 @@ class RunSettings:
     precision: str
     cache: str
     num_workers: int
-    seed: int
 
 
 def release_files(folder: str, needs_center: bool) -> tuple[str, int]:
@@ -820,7 +820,7 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
     def on_best(snapshot: Snapshot) -> None:
         utils.save_torch(checkpoint_dict(settings, job, method, False, best=snapshot.__dict__), job.checkpoint)
 
-    trainer = Trainer(method, encoder, train, tests, settings.seed, FitHooks(on_best=on_best, save_state=save_state),
+    trainer = Trainer(method, encoder, train, tests, job.seed, FitHooks(on_best=on_best, save_state=save_state),
                       progress)
     if os.path.exists(job.train_state):
         saved = utils.load_checkpoint(job.train_state)
@@ -839,9 +839,9 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
 def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.device,
             progress: Callable = utils.progress) -> dict[str, dict]:
     """Train (or reuse, or load released weights) and test one job; return its results.csv rows by class."""
-    utils.set_seed(settings.seed)  # before the modules are built: their initial weights come from it
+    utils.set_seed(job.seed)  # before the modules are built: their initial weights come from it
     method = settings.method(settings.config, len(job.classnames), settings.precision).to(device)
-    method.seed_streams(settings.seed, device)
+    method.seed_streams(job.seed, device)
     encoder = Encoder(embedder.to(device), settings.precision, settings.config.train_backbone)
     train, tests = job_sources(job, encoder, settings, device, progress)
     parts: dict = {}
@@ -883,6 +883,6 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
             torch_version=str(torch.__version__), **parts), job.checkpoint)
         if os.path.exists(job.train_state):
             os.remove(job.train_state)  # the finished checkpoint supersedes it
-    utils.save_json({"method": settings.method.name, "setting": job.config["setting"], "seed": settings.seed,
+    utils.save_json({"method": settings.method.name, "setting": job.config["setting"], "seed": job.seed,
                      "requested": job.requested, "rows": rows}, os.path.join(job.folder, METRICS_NAME))
     return rows

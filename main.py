@@ -108,7 +108,9 @@ def given_options(ctx: click.Context, options: dict) -> dict:
                    "(--setting multi) or one per class. Method-dependent defaults are listed as 'pbas: ...; cras: ...'.")
 @click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run jobs in parallel, one process per GPU. "
                    "A negative id, or any id when CUDA is unavailable, runs on the CPU.")
-@click.option("--seed", type=int, default=0, help="Seed for Python, NumPy and torch, set before each job.")
+@click.option("--seed", type=int, multiple=True, default=(0,),
+              help="Seed for Python, NumPy and torch, set before each job; repeat it (--seed 0 --seed 1 --seed 2) for a "
+                   "complete run per seed, reported as mean and std over the seeds.")
 @click.option("--test", type=click.Choice(["ckpt", "test"]), default="ckpt",
               help="ckpt: train (or reuse a finished checkpoint) then test; test: only evaluate saved checkpoints.")
 @click.option("--results_path", type=str, default="results", help="Run folder for results, checkpoints and heatmaps.")
@@ -297,7 +299,7 @@ class RunOptions:
     setting: str  # multi: one job for all classes; single: one job per class
     resize: int
     num_workers: int
-    seed: int
+    seeds: tuple[int, ...]
     test: str
     gpu: tuple[int, ...]
     results_path: str
@@ -313,8 +315,10 @@ class RunOptions:
         if len(net["backbone_names"]) != 1 or ".seed-" in net["backbone_names"][0]:
             raise UserError(f"give exactly one backbone with -b (no '.seed-N' suffix: use --seed); got {list(net['backbone_names'])}")
         name = data["name"]
-        if g["seed"] < 0:
-            raise UserError(f"--seed must be non-negative, got {g['seed']}")
+        if any(seed < 0 for seed in g["seed"]):
+            raise UserError(f"--seed must be non-negative, got {list(g['seed'])}")
+        if len(set(g["seed"])) != len(g["seed"]):
+            raise UserError(f"--seed repeats a value: {list(g['seed'])}")
         if name not in datasets.DATASET_NAMES:
             raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
         check_ranges(method, net, data)
@@ -336,7 +340,7 @@ class RunOptions:
         return cls(
             method=method, config=config, dataset=name, datapath=os.path.abspath(data["data_path"]),
             classes=list(data["classes"]) or list(datasets.CLASSES[name]), setting=data.get("setting") or "single",
-            resize=data["resize"], num_workers=data["num_workers"], seed=g["seed"], test=g["test"], gpu=tuple(g["gpu"]),
+            resize=data["resize"], num_workers=data["num_workers"], seeds=tuple(g["seed"]), test=g["test"], gpu=tuple(g["gpu"]),
             results_path=results_path,
             log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
             precision=g["precision"], cache="off" if config.train_backbone else cache,
@@ -344,9 +348,9 @@ class RunOptions:
         )
 
     def settings(self) -> engine.RunSettings:
-        return engine.RunSettings(METHODS[self.method], self.config, self.precision, self.cache, self.num_workers, self.seed)
+        return engine.RunSettings(METHODS[self.method], self.config, self.precision, self.cache, self.num_workers)
 
-    def job_config(self, classnames: list[str], resize: int) -> dict:
+    def job_config(self, classnames: list[str], resize: int, seed: int) -> dict:
         """The resolved configuration of one job: what its checkpoint records and must match."""
         return {
             "method": self.method,
@@ -356,7 +360,7 @@ class RunOptions:
             "classes": list(classnames),
             "resize": resize,
             "requested_resize": self.resize,
-            "seed": self.seed,
+            "seed": seed,
             "precision": self.precision,
         }
 
@@ -412,7 +416,7 @@ def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
         raise UserError(f"DATAPATH {opts.datapath} does not exist or is not a folder")
     method = METHODS[opts.method]
     jobs = []
-    for name, classnames in job_groups(opts):
+    for seed, (name, classnames) in ((seed, group) for seed in opts.seeds for group in job_groups(opts)):
         trains, tests, resizes = [], [], set()
         for classname in classnames:
             train, test = datasets.build_datasets(opts.dataset, opts.datapath, classname, opts.resize,
@@ -424,10 +428,10 @@ def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
             tests.append(test)
             resizes.add(train.resize)
         assert len(resizes) == 1  # the per-class resize rule applies only to one-class jobs
-        job = engine.Job(name=name, dataset=opts.dataset, classnames=classnames, trains=trains, tests=tests,
-                         config=opts.job_config(classnames, resizes.pop()),
-                         folder=os.path.join(opts.results_path, "models", opts.method, name, f"seed{opts.seed}"),
-                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}_seed{opts.seed}.csv"),
+        job = engine.Job(name=name, dataset=opts.dataset, classnames=classnames, trains=trains, tests=tests, seed=seed,
+                         config=opts.job_config(classnames, resizes.pop(), seed),
+                         folder=os.path.join(opts.results_path, "models", opts.method, name, f"seed{seed}"),
+                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}_seed{seed}.csv"),
                          requested=list(opts.classes))
         check_existing(opts, job)
         jobs.append(job)
@@ -446,7 +450,7 @@ OOM_HINT = "lower --batch_size, use --cache host or --cache off, or --precision 
 def log_traceback(opts: RunOptions, job: engine.Job) -> str:
     """Append the current exception's traceback to RESULTS/logs/errors.log (under the folder's lock); its path."""
     path = os.path.join(opts.results_path, ERRORS_LOG)
-    text = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {opts.method} {job.name} seed {opts.seed}\n{traceback.format_exc()}\n"
+    text = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {opts.method} {job.name} seed {job.seed}\n{traceback.format_exc()}\n"
     with utils.locked(opts.results_path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
@@ -583,7 +587,8 @@ def check_devices(opts: RunOptions) -> None:
 
 
 CONFIG_NAME = "config.json"
-RESULTS_NAME = "results.csv"
+RESULTS_NAME = "results.csv"  # over seeds: mean (the release's columns), *_mean, *_std
+SEED_RESULTS_NAME = "results_seeds.csv"  # one row per class and seed
 
 
 def record_configs(opts: RunOptions, jobs: list[engine.Job]) -> None:
@@ -625,7 +630,8 @@ def table_order(name: str, group: dict, requested: list) -> tuple:
 
 
 def rebuild_results(results_path: str) -> None:
-    """results.csv from every job's metrics.json in the folder, under the folder's lock, written atomically."""
+    """results.csv (over seeds) and results_seeds.csv (per seed) from every job's metrics.json in the folder,
+    under the folder's lock, written atomically."""
     with utils.locked(results_path):
         rows = []
         for path in glob.glob(os.path.join(results_path, "models", "*", "*", "seed*", engine.METRICS_NAME)):
@@ -637,7 +643,9 @@ def rebuild_results(results_path: str) -> None:
             requested = data.get("requested") if isinstance(data.get("requested"), list) else []
             rows += [(table_order(name, group, requested), name, row, group) for name, row in data["rows"].items()]
         rows.sort(key=lambda r: r[0])
-        utils.save_text(utils.results_csv([r[1:] for r in rows]), os.path.join(results_path, RESULTS_NAME))
+        rows = [r[1:] for r in rows]
+        utils.save_text(utils.results_csv(rows), os.path.join(results_path, SEED_RESULTS_NAME))
+        utils.save_text(utils.seeds_csv(rows), os.path.join(results_path, RESULTS_NAME))
 
 
 def run(opts: RunOptions) -> list[str]:
@@ -651,7 +659,8 @@ def run(opts: RunOptions) -> list[str]:
     utils.check_writable_folder(opts.log_dir, "--log_project/--log_group/--run_name: the log folder")
 
     record_configs(opts, jobs)
-    order = [name for job in jobs for name in job.row_names]
+    label = lambda name, seed: name if len(opts.seeds) == 1 else f"{name} seed {seed}"
+    order = [label(name, job.seed) for job in jobs for name in job.row_names]
     rows: dict[str, dict] = {}
     failures: list[str] = []
 
@@ -661,7 +670,7 @@ def run(opts: RunOptions) -> list[str]:
             LOG.error("%s failed: %s", job.name, error)
             failures.append(job.name)
             return
-        rows.update(job_rows)
+        rows.update({label(name, job.seed): row for name, row in job_rows.items()})
         rebuild_results(opts.results_path)
         for name, row in job_rows.items():
             LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))

@@ -261,6 +261,43 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
     return out.getvalue()
 
 
+SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro")
+SEED_GROUP_COLUMNS = ("method", "setting", "seeds")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and (population, NumPy's default) standard deviation; NaN values make both NaN."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std())
+
+
+def seeds_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
+    """The table over seeds: per class (and a Mean row per dataset, method and setting) the mean over the seeds
+    in the release's columns, then ``<metric>_mean`` and ``<metric>_std`` (population std over the seeds) of the
+    selected and last-epoch metrics, and the seeds used. ``rows`` as for ``results_csv``, one per class and seed.
+    The Mean row's std is the std over seeds of each seed's mean over classes."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["Row Names", *RESULT_COLUMNS, *(f"{m}_{s}" for m in SEED_METRICS for s in ("mean", "std")),
+                     *SEED_GROUP_COLUMNS])
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for name, values, group in rows:
+        key = (name.split("_", 1)[0], group["method"], group["setting"])
+        groups.setdefault(key, {}).setdefault(name, {})[int(group["seed"])] = values
+    for (_, method, setting), classes in groups.items():
+        per_seed_means: dict[int, dict[str, float]] = {}
+        for seed in sorted({seed for by_seed in classes.values() for seed in by_seed}):
+            members = [by_seed[seed] for by_seed in classes.values() if seed in by_seed]
+            per_seed_means[seed] = {c: float(np.mean([float(v.get(c, math.nan)) for v in members])) for c in RESULT_COLUMNS}
+        for name, by_seed in [*classes.items(), ("Mean", per_seed_means)]:
+            seeds = sorted(by_seed)
+            column = lambda c: [float(by_seed[s].get(c, math.nan)) for s in seeds]
+            stats = [x for m in SEED_METRICS for x in _mean_std(column(m))]
+            writer.writerow([name, *(format_value(_mean_std(column(c))[0]) for c in RESULT_COLUMNS),
+                             *(format_value(x) for x in stats), method, setting, " ".join(map(str, seeds))])
+    return out.getvalue()
+
+
 @contextlib.contextmanager
 def locked(folder: str) -> Iterator[None]:
     """An exclusive lock on ``folder`` (a lock file inside it), held for the duration: concurrent runs into one

@@ -26,7 +26,7 @@ def run_cli(results: Path, *args: str, test: str = "ckpt", net: list[str] = NET,
 
 def read_results(path: Path) -> dict[str, dict[str, float]]:
     with open(path) as f:
-        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS)}
+        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS, *utils.SEED_GROUP_COLUMNS)}
                 for row in csv.DictReader(f)}
 
 

@@ -34,7 +34,7 @@ def run(results: Path, root: Path, *glob: str, method: str = "pbas", test: str =
                      *glob, *net, *data, *[a for c in classes for a in ("-d", c)], "mvtec", str(root)])
     assert code == 0
     with open(results / "results.csv") as f:
-        return {r["Row Names"]: {k: float(v) for k, v in r.items() if k not in ("Row Names", *utils.GROUP_COLUMNS)}
+        return {r["Row Names"]: {k: float(v) for k, v in r.items() if k not in ("Row Names", *utils.GROUP_COLUMNS, *utils.SEED_GROUP_COLUMNS)}
                 for r in csv.DictReader(f)}
 
 

@@ -27,8 +27,8 @@ def argv(results: Path, root: Path, *classes: str, method: str = "pbas", seed: i
             *[a for c in classes for a in ("-d", c)], "mvtec", str(root)]
 
 
-def table(results: Path) -> list[dict[str, str]]:
-    with open(results / "results.csv") as f:
+def table(results: Path, name: str = "results.csv") -> list[dict[str, str]]:
+    with open(results / name) as f:
         return list(csv.DictReader(f))
 
 
@@ -60,7 +60,7 @@ def test_methods_and_seeds_are_separate_groups(mvtec_root: Path, tmp_path: Path)
     assert main.cli(argv(tmp_path, mvtec_root, "texture")) == 0
     assert main.cli(argv(tmp_path, mvtec_root, "texture", seed=1)) == 0
     assert main.cli(argv(tmp_path, mvtec_root, "texture", "object", method="cras")) == 0
-    rows = table(tmp_path)
+    rows = table(tmp_path, "results_seeds.csv")
     groups = [(r["Row Names"], r["method"], r["setting"], r["seed"]) for r in rows]
     assert groups == [("mvtec_texture", "pbas", "single", "0"), ("Mean", "pbas", "single", "0"),
                       ("mvtec_texture", "pbas", "single", "1"), ("Mean", "pbas", "single", "1"),
