@@ -347,9 +347,11 @@ def normal_score_statistics(method: Method, train: TrainSet, names: Sequence[str
 @dataclass
 class EpochLog:
     epoch: int  # 0-based, as the releases count
-    stats: dict[str, float]
-    image_auroc: float = math.nan  # mean over the job's classes
+    stats: dict[str, float]  # mean over the epoch's steps
+    steps: list[dict[str, float]] = field(default_factory=list)  # every step's statistics
+    image_auroc: float = math.nan  # mean over the job's classes (epochs with an evaluation)
     pixel_auroc: float = math.nan
+    per_class: dict[str, dict] = field(default_factory=dict)  # {DATASET_CLASS: {image_auroc, pixel_auroc}}
 
 
 @dataclass
@@ -402,6 +404,14 @@ def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], tra
                 break
     means = torch.stack([torch.stack(list(s.values())) for s in steps]).mean(0).tolist()
     return dict(zip(steps[0], means))
+
+
+def step_table(steps: list[StepStats]) -> list[dict[str, float]]:
+    """Every step's statistics as floats (one synchronisation)."""
+    if not steps:
+        return []
+    values = torch.stack([torch.stack(list(s.values())) for s in steps]).tolist()
+    return [dict(zip(steps[0], row)) for row in values]
 
 
 def make_optimizers(method: Method, encoder: Encoder) -> list[torch.optim.Optimizer]:
@@ -559,7 +569,7 @@ class Trainer:
             self.epoch = epoch
             order = epoch_order(len(self.train.source), self.seed, epoch + 1)
             log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, order, cfg.limit, self.steps,
-                                              self._check_stop))
+                                              self._check_stop), step_table(self.steps))
             bad = [k for k, v in log.stats.items() if not math.isfinite(v)]
             if bad:
                 raise Diverged(f"epoch {epoch}: {', '.join(f'{k} = {log.stats[k]}' for k in bad)}")
@@ -570,6 +580,7 @@ class Trainer:
                     raise Diverged(f"epoch {epoch}: {exc}") from exc
                 log.image_auroc = mean_over_classes(self.last_metrics, "image_auroc")
                 log.pixel_auroc = mean_over_classes(self.last_metrics, "pixel_auroc")
+                log.per_class = self.last_metrics
                 key = selection_key(self.last_metrics)
                 if key > self.best_key:
                     self.best_key = key
@@ -658,6 +669,11 @@ class Job:
     @property
     def checkpoint(self) -> str:
         return os.path.join(self.folder, CHECKPOINT_NAME)
+
+    @property
+    def tensorboard(self) -> str:
+        """TensorBoard event files (tensorboard --logdir RESULTS)."""
+        return os.path.join(self.folder, "tb")
 
     @property
     def train_state(self) -> str:
@@ -777,14 +793,18 @@ def write_heatmaps(folder: str, dataset, maps: torch.Tensor) -> None:
 
 def epoch_logger(job: Job, meta_epochs: int, history: Sequence[EpochLog] = ()) -> Callable[[EpochLog], None]:
     """Per-epoch CSV log (written every 10 epochs and at the end) and, without a progress bar, a line now and
-    then; ``history``: the epochs before a resume."""
+    then; ``history``: the epochs before a resume. The CSV has the mean I-AUROC and P-AUROC over the job's
+    classes and, for a multi-class job, each class's."""
     lines: list[str] = []
     every = max(1, meta_epochs // PROGRESS_LINES)
+    per_class = job.row_names if len(job.row_names) > 1 else []
 
     def add(log: EpochLog) -> None:
         if not lines:
-            lines.append(",".join(["epoch", *log.stats, "image_auroc", "pixel_auroc"]))
-        lines.append(",".join(str(v) for v in (log.epoch, *log.stats.values(), log.image_auroc, log.pixel_auroc)))
+            lines.append(",".join(["epoch", *log.stats, "image_auroc", "pixel_auroc",
+                                   *(f"{n}_{m}" for n in per_class for m in ("image_auroc", "pixel_auroc"))]))
+        values = [log.per_class.get(n, {}).get(m, math.nan) for n in per_class for m in ("image_auroc", "pixel_auroc")]
+        lines.append(",".join(str(v) for v in (log.epoch, *log.stats.values(), log.image_auroc, log.pixel_auroc, *values)))
 
     for past in history:
         add(past)
@@ -830,10 +850,55 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
                  len(trainer.steps))
     else:
         trainer.start()
-    trainer.hooks.on_epoch = epoch_logger(job, settings.config.meta_epochs, trainer.history)
-    started = time.time()
-    result = trainer.run()
+    csv_log = epoch_logger(job, settings.config.meta_epochs, trainer.history)
+    with TensorBoard(job.tensorboard, sum(len(log.steps) for log in trainer.history)) as board:
+        def on_epoch(log: EpochLog) -> None:
+            csv_log(log)
+            board.epoch(log)
+
+        trainer.hooks.on_epoch = on_epoch
+        started = time.time()
+        result = trainer.run()
+        board.hparams(job.config, result)
     return result, previous + time.time() - started
+
+
+class TensorBoard:
+    """TensorBoard event files of a job (torch.utils.tensorboard): every step's losses, p_true and p_fake
+    (``train/...``, step = training step), every evaluation's per-class and mean I-AUROC and P-AUROC
+    (``eval/CLASS/...``, ``eval/mean/...``, step = epoch) and, at the end, the hyper-parameters with the
+    selected epoch's mean metrics. Written at epoch ends (no extra synchronisation per step)."""
+
+    def __init__(self, folder: str, first_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when training
+
+        self.writer = SummaryWriter(log_dir=folder)
+        self.step = first_step
+
+    def __enter__(self) -> "TensorBoard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+    def epoch(self, log: EpochLog) -> None:
+        for stats in log.steps:
+            for key, value in stats.items():
+                self.writer.add_scalar(f"train/{key}", value, self.step)
+            self.step += 1
+        if log.per_class:
+            for name, values in log.per_class.items():
+                for key in ("image_auroc", "pixel_auroc"):
+                    self.writer.add_scalar(f"eval/{name}/{key}", values[key], log.epoch)
+            self.writer.add_scalar("eval/mean/image_auroc", log.image_auroc, log.epoch)
+            self.writer.add_scalar("eval/mean/pixel_auroc", log.pixel_auroc, log.epoch)
+        self.writer.flush()
+
+    def hparams(self, config: dict, result: FitResult) -> None:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for k, v in {**config, **config["net"]}.items() if k != "net"}
+        best = {f"hparam/{k}": mean_over_classes(result.best.metrics, k) for k in ("image_auroc", "pixel_auroc")}
+        self.writer.add_hparams(flat, {**best, "hparam/best_epoch": result.best.epoch}, run_name="hparams")
 
 
 def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.device,
