@@ -19,7 +19,9 @@ hands it the method's class.
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import glob
+import io
 import logging
 import math
 import os
@@ -46,6 +48,7 @@ PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal trai
 PROGRESS_LINES = 20  # per job, when stderr is not a terminal (no progress bar)
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
+SCORES_NAME = "scores.csv"
 TRAIN_STATE_NAME = "train_state.pt"
 RELEASE_CENTER = "center.pth"
 RELEASE_BEST = re.compile(r"ckpt_best_(\d+)\.pth$")
@@ -302,8 +305,10 @@ def class_metrics(scores: torch.Tensor, maps: torch.Tensor, test: ClassTest, ful
     return result
 
 
-def evaluate(method: Method, tests: Sequence[ClassTest], full: bool) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
-    """Per-class metrics {DATASET_CLASS: {...}} and anomaly maps {DATASET_CLASS: [N, S, S]}."""
+def evaluate(method: Method, tests: Sequence[ClassTest], full: bool, scores_out: dict | None = None
+             ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Per-class metrics {DATASET_CLASS: {...}} and anomaly maps {DATASET_CLASS: [N, S, S]}; ``scores_out``
+    (when given) receives the image scores {DATASET_CLASS: [N]}."""
     results, maps = {}, {}
     for test in tests:
         scores, class_maps, _ = predict(method, test.source)
@@ -311,6 +316,8 @@ def evaluate(method: Method, tests: Sequence[ClassTest], full: bool) -> tuple[di
             raise Diverged(f"{int((~torch.isfinite(scores)).sum())} non-finite image scores of {test.name}")
         results[test.name] = class_metrics(scores, class_maps, test, full)
         maps[test.name] = class_maps
+        if scores_out is not None:
+            scores_out[test.name] = scores.cpu()
     return results, maps
 
 
@@ -783,12 +790,41 @@ class IndexedConcat(torch.utils.data.ConcatDataset):
         return [list(range(s, e)) for s, e in zip(starts, self.cumulative_sizes)]
 
 
+def heatmap_names(dataset) -> list[str]:
+    """File name of each test image's heatmap: DEFECT_STEM.png (DEFECT_STEM-2.png, ... when stems repeat)."""
+    names, used = [], set()
+    for sample in dataset.samples:
+        base = f"{sample.defect}_{os.path.splitext(os.path.basename(sample.image_path))[0]}"
+        name, count = base, 1
+        while name in used:
+            count += 1
+            name = f"{base}-{count}"
+        used.add(name)
+        names.append(f"{name}.png")
+    return names
+
+
 def write_heatmaps(folder: str, dataset, maps: torch.Tensor) -> None:
     """One [image | ground truth | scores] PNG per test image (final evaluation only)."""
-    for i in range(len(dataset)):
+    for i, name in enumerate(heatmap_names(dataset)):
         item = dataset[i]
-        stem = os.path.splitext(os.path.basename(item["image_path"]))[0]
-        utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, f"{item['defect']}_{stem}.png"))
+        utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, name))
+
+
+SCORE_COLUMNS = ("class", "image_path", "defect", "label", "image_score", "heatmap")
+
+
+def scores_csv(job: Job, scores: dict[str, torch.Tensor]) -> str:
+    """Every test image of the job under the selected state: class, path, defect, label, score, heatmap file
+    (relative to the job folder); for the run report."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    for name, ds in zip(job.row_names, job.tests):
+        for sample, score, heatmap in zip(ds.samples, scores[name].tolist(), heatmap_names(ds), strict=True):
+            writer.writerow([name, sample.image_path, sample.defect, sample.is_anomaly, repr(score),
+                             os.path.join("heatmaps", name, heatmap)])
+    return out.getvalue()
 
 
 def epoch_logger(job: Job, meta_epochs: int, history: Sequence[EpochLog] = ()) -> Callable[[EpochLog], None]:
@@ -931,11 +967,13 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
         load_trained_state(method, encoder, last.state)
         last_metrics, _ = evaluate(method, tests, full=True)
     load_trained_state(method, encoder, best.state)
-    best_metrics, maps = evaluate(method, tests, full=True)
+    scores: dict[str, torch.Tensor] = {}
+    best_metrics, maps = evaluate(method, tests, full=True, scores_out=scores)
     if last.epoch == best.epoch:
         last_metrics = best_metrics
     for test, ds in zip(tests, job.tests):
         write_heatmaps(os.path.join(job.folder, "heatmaps", test.name), ds, maps[test.name])
+    utils.save_text(scores_csv(job, scores), os.path.join(job.folder, SCORES_NAME))
     rows = {name: {**best_metrics[name], "best_epoch": best.epoch, "last_epoch": last.epoch,
                    **{f"last_{k}": last_metrics[name][k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
             for name in job.row_names}

@@ -50,7 +50,7 @@ import datasets
 import engine
 import utils
 from common import PRECISIONS, Embedder, Method, autocast
-from datasets.base import IMAGE_EXTENSIONS, IMAGE_READ_ERRORS
+from datasets.base import IMAGE_EXTENSIONS, IMAGE_READ_ERRORS, read_rgb
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
@@ -409,9 +409,9 @@ class Decoded:
 
 
 def decode(item: InputImage, transform: Callable[[Image.Image], torch.Tensor]) -> Decoded:
-    """Read an image as RGB (alpha dropped, as in training); IMAGE_READ_ERRORS for unreadable files."""
-    with Image.open(item.path) as image:
-        rgb = image.convert("RGB")
+    """Read an image as 8-bit RGB exactly as training does (16-bit scaled, alpha dropped); IMAGE_READ_ERRORS
+    (DatasetError included) for unreadable files."""
+    rgb = read_rgb(item.path)
     return Decoded(item, np.asarray(rgb), transform(rgb))
 
 

@@ -41,6 +41,7 @@ import cras
 import datasets
 import engine
 import pbas
+import report as run_report
 import utils
 from common import PRECISIONS, Embedder, Method
 from utils import UserError
@@ -681,6 +682,7 @@ def run(opts: RunOptions) -> list[str]:
         run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
     if rows:
         print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
+        LOG.info("report: %s", run_report.write_report(opts.results_path))
     if failures:
         LOG.error("failed jobs: %s", ", ".join(failures))
     return failures
@@ -762,6 +764,22 @@ def export_command(checkpoint: str, output: str, opset: int | None) -> tuple[str
     import inference
 
     return "export", lambda g: inference.export_onnx(checkpoint, output, checkpoint_method(g), opset)
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("results", type=str)
+def report_command(results: str) -> tuple[str, object]:
+    """Write RESULTS/report.html for an existing results folder: the results table (mean +- std over seeds), per
+    job and class the ROC and PR curves, the per-epoch curves and the worst false negatives / positives at the F1
+    threshold. It opens from disk (relative image links into RESULTS/report/ and the job folders)."""
+
+    def run_tool(_: dict) -> int:
+        if not os.path.isdir(results):
+            raise UserError(f"RESULTS {results} is not a folder")
+        LOG.info("wrote %s", run_report.write_report(results))
+        return 0
+
+    return "report", run_tool
 
 
 def checkpoint_method(g: dict) -> dict[str, type[Method]]:

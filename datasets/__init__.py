@@ -24,18 +24,22 @@ from datasets.base import (
     AnomalyDataset,
     DatasetError,
     Sample,
+    check_masks_not_all_empty,
     check_readable,
+    check_test_labels,
     effective_resize,
     image_transform,
     load_image,
     load_mask,
     mask_transform,
+    read_mask,
+    read_rgb,
 )
 
 __all__ = [
     "AnomalyDataset", "CLASSES", "DATASET_NAMES", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD",
     "LAYOUTS", "LAYOUT_MVTEC", "LAYOUT_SPLIT_CSV", "Sample", "build_datasets", "dataset_layout",
-    "effective_resize", "image_transform", "load_image", "load_mask", "mask_transform",
+    "effective_resize", "image_transform", "load_image", "load_mask", "mask_transform", "read_mask", "read_rgb",
 ]
 
 Collector = Callable[[str, str], tuple[list[Sample], list[Sample]]]
@@ -61,6 +65,16 @@ def dataset_layout(dataset: str, root: str | os.PathLike, classname: str) -> str
     return LAYOUT_MVTEC
 
 
+def _locations(layout: str, root: str, classname: str) -> tuple[str, str]:
+    """Where the test images and the masks of a class are listed, for error messages."""
+    if layout == LAYOUT_SPLIT_CSV:
+        listed = f"listed in '{os.path.join(root, visa.SPLIT_CSV)}'"
+        return listed, listed
+    class_path = os.path.join(root, classname)
+    return (f"folder '{os.path.join(class_path, mvtec.TEST_DIR)}'",
+            f"folder '{os.path.join(class_path, mvtec.GROUND_TRUTH_DIR)}'")
+
+
 def build_datasets(
     dataset: str,
     root: str | os.PathLike,
@@ -73,12 +87,17 @@ def build_datasets(
 
     class_resize_rule: apply the PBAS release's MVTec toothbrush/wood resize (effective_resize); False (CRAS)
     uses `resize` for every class. Masks are binarised iff the detected layout is split_csv.
+    Checked before any training (DatasetError): every file header is readable, every mask has its image's size,
+    the test set holds normal and defective images, and not every mask is empty.
     """
     root = os.fspath(root)
     _check_request(dataset, root, resize, imagesize)
     layout = dataset_layout(dataset, root, classname)
     train, test = _COLLECTORS[layout](root, classname)
+    test_location, mask_location = _locations(layout, root, classname)
+    check_test_labels(test, classname, test_location)
     check_readable(train + test)
+    check_masks_not_all_empty(test, classname, mask_location)
     size = effective_resize(dataset, classname, resize, imagesize, class_resize_rule)
     binarize = layout in BINARIZED_MASK_LAYOUTS
     return (

@@ -3,6 +3,12 @@
 Two on-disk layouts exist: LAYOUT_MVTEC (ROOT/CLASS/train/good, test/DEFECT, ground_truth/DEFECT; MVTec AD,
 MPDD, ITDD and the MVTec-layout conversion of VisA) and LAYOUT_SPLIT_CSV (VisA's ROOT/split_csv/1cls.csv).
 Masks are binarised (> 0) only in the split_csv layout, as the PBAS release's VisA loader does.
+
+Decoding (read_rgb, read_mask) accepts more than 8-bit RGB: 16-bit grayscale (I;16*, and I holding
+0..65535) is scaled to 8 bits as round(v / 257), float F images must lie in [0, 1] (scaled by 255), other modes
+are converted by PIL (alpha dropped). Masks are normalised before the resize to an L image with 0 (background)
+and 255 (any non-zero value: palette index, any colour channel; alpha ignored), so a 0/1, palette, 16-bit or
+coloured mask reads like a standard 0/255 one.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -74,11 +81,80 @@ def effective_resize(
     return resize
 
 
+_MAX_16BIT = 65535
+_SAVE_HINT = "save it as 8-bit RGB or grayscale (e.g. PNG)"
+
+
+def _image_name(image: Image.Image) -> str:
+    return getattr(image, "filename", "") or "<in-memory image>"
+
+
+def _gray8_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb8(image: Image.Image, path: str | None = None) -> Image.Image:
+    """8-bit RGB version of a decoded PIL image (the image itself if it is RGB already).
+
+    16-bit grayscale (modes I;16, I;16B, I;16L, I;16N, and I holding 0..65535) -> round(v / 257); F (float)
+    -> round(v * 255) if every value is in [0, 1]; any other mode via PIL's convert("RGB") (alpha dropped;
+    PIL already reduces 16-bit RGB files to 8 bits by keeping the high byte). DatasetError naming `path`
+    for values out of range or a mode PIL cannot convert.
+    """
+    if image.mode == "RGB":
+        return image
+    name = path or _image_name(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > _MAX_16BIT):
+            raise DatasetError(
+                f"Integer image file '{name}' (mode {image.mode}) holds values {values.min()}..{values.max()}, "
+                f"outside the 16-bit range 0..{_MAX_16BIT}; {_SAVE_HINT}."
+            )
+        return _gray8_to_rgb((values.astype(np.uint32) * 2 + 257) // 514)  # round(v / 257), no ties
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        outside = values[~((values >= 0.0) & (values <= 1.0))]  # NaN counts as outside
+        if outside.size:
+            raise DatasetError(
+                f"Float image file '{name}' (mode F) holds {outside.size} value(s) outside [0, 1] (e.g. "
+                f"{outside[0]:.6g}); scale it to [0, 1] or {_SAVE_HINT}."
+            )
+        return _gray8_to_rgb(np.rint(values * 255.0))
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise DatasetError(
+            f"Image file '{name}' has pixel mode '{image.mode}', which cannot be converted to RGB ({error}); "
+            f"{_SAVE_HINT}."
+        ) from error
+
+
+def _nonzero(image: Image.Image, name: str) -> np.ndarray:
+    """bool[H, W]: pixels with any non-zero value (palette index for P/PA, colour channels only)."""
+    mode = image.mode
+    if mode in ("1", "L", "P", "I", "F") or mode.startswith("I;16"):
+        return np.asarray(image) != 0
+    if mode in ("PA", "LA", "La"):
+        return np.asarray(image)[..., 0] != 0
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX"):
+        return (np.asarray(image)[..., :3] != 0).any(axis=-1)
+    return (np.asarray(to_rgb8(image, name)) != 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their RGB colour
+
+
+def to_binary_mask(image: Image.Image, path: str | None = None) -> Image.Image:
+    """Mask image -> "L" image with 0 (background) and 255 (any non-zero pixel); identity for 0/255 L masks."""
+    if image.mode == "L":
+        return image.point([0] + [255] * 255)
+    return Image.fromarray(_nonzero(image, path or _image_name(image)).astype(np.uint8) * 255, "L")
+
+
 class _ToRGB:
-    """Convert any PIL image (L, RGBA, P, ...) to RGB; a class so that it pickles for DataLoader workers."""
+    """Convert any PIL image (L, RGBA, P, 16-bit, ...) to 8-bit RGB with to_rgb8; a class so that it pickles
+    for DataLoader workers."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb8(image)
 
 
 def image_transform(resize: int, imagesize: int) -> transforms.Compose:
@@ -93,7 +169,8 @@ def image_transform(resize: int, imagesize: int) -> transforms.Compose:
 
 
 def mask_transform(resize: int, imagesize: int) -> transforms.Compose:
-    """PIL "L" mask -> FloatTensor[1, imagesize, imagesize] in [0, 1] (bilinear, not re-binarised)."""
+    """PIL "L" 0/255 mask (to_binary_mask) -> FloatTensor[1, imagesize, imagesize] in [0, 1] (bilinear, not
+    re-binarised)."""
     return transforms.Compose([
         transforms.Resize(resize),
         transforms.CenterCrop(imagesize),
@@ -101,11 +178,12 @@ def mask_transform(resize: int, imagesize: int) -> transforms.Compose:
     ])
 
 
-def _read_pil(path: str, mode: str) -> Image.Image:
-    """Decode a whole image file into `mode`; any decoding problem becomes a DatasetError naming the file."""
+def _decode(path: str) -> Image.Image:
+    """Open and fully decode an image file; any decoding problem becomes a DatasetError naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
+            image.load()
+            return image
     except IMAGE_READ_ERRORS as error:
         raise DatasetError(
             f"Cannot decode image file '{path}' ({type(error).__name__}: {error}); "
@@ -113,24 +191,40 @@ def _read_pil(path: str, mode: str) -> Image.Image:
         ) from error
 
 
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file into an 8-bit RGB PIL image (to_rgb8 scaling of 16-bit / float images); the one
+    image reader of training, testing and prediction. DatasetError (one line, naming the file) otherwise."""
+    path = os.fspath(path)
+    return to_rgb8(_decode(path), path)
+
+
+def read_mask(path: str | os.PathLike) -> Image.Image:
+    """Decode a mask file into an "L" image with 0 and 255 (to_binary_mask); DatasetError naming the file."""
+    path = os.fspath(path)
+    return to_binary_mask(_decode(path), path)
+
+
 def _apply_image(path: str, transform: transforms.Compose) -> torch.Tensor:
-    return transform(_read_pil(path, "RGB"))  # [3, S, S]
+    return transform(read_rgb(path))  # [3, S, S]
 
 
 def _apply_mask(path: str | None, transform: transforms.Compose, imagesize: int, binarize: bool) -> torch.Tensor:
     if path is None:
         return torch.zeros(1, imagesize, imagesize)
-    mask = transform(_read_pil(path, "L"))  # [1, S, S], values k / 255
-    return (mask > 0).float() if binarize else mask
+    mask = read_mask(path)  # L, 0 / 255
+    if binarize:  # the PBAS VisA loader resizes the mask as a float image, then keeps every pixel > 0
+        return (transform(mask.convert("F")) > 0).float()
+    return transform(mask)  # [1, S, S], values k / 255
 
 
 def load_image(path: str, resize: int, imagesize: int) -> torch.Tensor:
-    """Read an image file as RGB and return the normalised FloatTensor[3, imagesize, imagesize]."""
+    """Read an image file with read_rgb and return the normalised FloatTensor[3, imagesize, imagesize]."""
     return _apply_image(path, image_transform(resize, imagesize))
 
 
 def load_mask(path: str | None, resize: int, imagesize: int, binarize: bool) -> torch.Tensor:
-    """Read a mask file as FloatTensor[1, imagesize, imagesize]; zeros for None; `> 0` if binarize."""
+    """Read a mask file with read_mask as FloatTensor[1, imagesize, imagesize]; zeros for None; `> 0` if
+    binarize."""
     return _apply_mask(path, mask_transform(resize, imagesize), imagesize, binarize)
 
 
@@ -152,20 +246,61 @@ def list_subfolders(folder: str) -> list[str]:
     )
 
 
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file header (cheap); DatasetError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except IMAGE_READ_ERRORS as error:
+        raise DatasetError(
+            f"Cannot read image file '{path}' ({type(error).__name__}: {error}); "
+            "replace or remove the file."
+        ) from error
+
+
 def check_readable(samples: Iterable[Sample]) -> None:
-    """Open the header of every image and mask (cheap); raise DatasetError naming the first bad file."""
+    """Open the header of every image and mask (cheap); raise DatasetError naming the first bad file, or the
+    first mask whose size (width, height) differs from its image's."""
     for sample in samples:
-        for path in (sample.image_path, sample.mask_path):
-            if path is None:
-                continue
-            try:
-                with Image.open(path):
-                    pass
-            except IMAGE_READ_ERRORS as error:
-                raise DatasetError(
-                    f"Cannot read image file '{path}' ({type(error).__name__}: {error}); "
-                    "replace or remove the file."
-                ) from error
+        size = _header_size(sample.image_path)
+        if sample.mask_path is None:
+            continue
+        mask_size = _header_size(sample.mask_path)
+        if mask_size != size:
+            raise DatasetError(
+                f"Mask '{sample.mask_path}' is {mask_size[0]}x{mask_size[1]} (width x height) but its image "
+                f"'{sample.image_path}' is {size[0]}x{size[1]}; a mask must have its image's size: check that "
+                "they belong together (pairs are formed in sorted order) or resize the mask to the image."
+            )
+
+
+def check_test_labels(samples: Iterable[Sample], classname: str, location: str) -> None:
+    """DatasetError unless the test set holds both normal and defective images (image AUROC needs both)."""
+    labels = [sample.is_anomaly for sample in samples]
+    n_defective = sum(1 for label in labels if label)
+    n_normal = len(labels) - n_defective
+    if not n_defective:
+        raise DatasetError(
+            f"Test set of class '{classname}' ({location}) has {n_normal} normal and no defective image, so image "
+            "AUROC is undefined; add defective test images with their masks."
+        )
+    if not n_normal:
+        raise DatasetError(
+            f"Test set of class '{classname}' ({location}) has {n_defective} defective and no normal image, so "
+            "image AUROC is undefined; add normal (good) test images."
+        )
+
+
+def check_masks_not_all_empty(samples: Iterable[Sample], classname: str, location: str) -> None:
+    """DatasetError if no mask of the class has a non-zero pixel (pixel metrics undefined). Decodes masks only
+    until the first non-empty one (normally the first); single empty masks are allowed."""
+    paths = [sample.mask_path for sample in samples if sample.mask_path is not None]
+    if not paths or any(read_mask(path).getbbox() is not None for path in paths):
+        return
+    raise DatasetError(
+        f"All {len(paths)} masks of class '{classname}' ({location}) are empty (no non-zero pixel), so pixel "
+        "metrics are undefined; mark the defects in the masks with non-zero pixels (e.g. 255 on 0)."
+    )
 
 
 class AnomalyDataset(torch.utils.data.Dataset):

@@ -1,7 +1,9 @@
 """Sample lists for the MVTec AD layout, shared by MVTec AD, MPDD, ITDD and MVTec-layout VisA.
 
 ROOT/CLASS/train/good/*.png, ROOT/CLASS/test/{good,DEFECT}/*.png, ROOT/CLASS/ground_truth/DEFECT/*_mask.png.
-The i-th image of a defect type (sorted) pairs with the i-th mask of that type (sorted).
+The i-th image of a defect type (sorted) pairs with the i-th mask of that type (sorted), as in the releases;
+when masks are named after their images (stem + optional _mask/_gt/-mask/_label), a pair whose mask is named
+after another image of the folder is a DatasetError instead of a silent mispairing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ TRAIN_DIR = "train"
 TEST_DIR = "test"
 GROUND_TRUTH_DIR = "ground_truth"
 _EXTENSIONS_TEXT = "/".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+MASK_SUFFIXES = ("_mask", "_gt", "-mask", "_label")  # stripped (case-insensitive) to find a mask's image
 
 
 def class_dir(root: str, classname: str) -> str:
@@ -61,6 +64,34 @@ def _defect_masks(class_path: str, defect: str, image_folder: str, n_images: int
     return [os.path.join(folder, name) for name in names]
 
 
+def mask_owner(mask_name: str) -> str:
+    """Stem of the image a mask file is named after: its stem without one MASK_SUFFIXES suffix."""
+    stem = os.path.splitext(mask_name)[0]
+    for suffix in MASK_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def check_pairing(images: list[str], masks: list[str]) -> None:
+    """DatasetError for a clear mispairing of the sorted images and masks of one defect type: an image paired
+    with a mask named after another image of the folder. With a recognisable naming scheme (every mask named
+    after some image) this flags every pair whose names differ; masks named otherwise are paired silently."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in images]
+    image_of = dict(zip(stems, images))
+    owners = [mask_owner(os.path.basename(path)) for path in masks]
+    for image, stem, mask, owner in zip(images, stems, masks, owners):
+        if owner == stem or owner not in image_of:
+            continue
+        own = [m for m, o in zip(masks, owners) if o == stem]
+        own_text = f"its own mask seems to be '{own[0]}'" if own else "no mask is named after it"
+        raise DatasetError(
+            f"Test image '{image}' is paired (i-th sorted image with i-th sorted mask) with mask '{mask}', which "
+            f"is named after image '{image_of[owner]}'; {own_text}. Rename the files so that images and masks "
+            "sort in the same order (e.g. zero-padded numbers 000.png / 000_mask.png) and every image has its mask."
+        )
+
+
 def _defect_samples(class_path: str, defect: str) -> list[Sample]:
     """Test images of one folder of CLASS/test, paired with their masks unless the folder is `good`."""
     folder = os.path.join(class_path, TEST_DIR, defect)
@@ -68,6 +99,7 @@ def _defect_samples(class_path: str, defect: str) -> list[Sample]:
     if defect == GOOD:
         return [Sample(path, None, 0, GOOD) for path in images]
     masks = _defect_masks(class_path, defect, folder, len(images))
+    check_pairing(images, masks)
     return [Sample(image, mask, 1, defect) for image, mask in zip(images, masks)]
 
 

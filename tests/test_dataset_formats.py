@@ -3,7 +3,6 @@ masks and degenerate class data (datasets/base.py, datasets/mvtec.py, build_data
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import zlib
@@ -370,3 +369,20 @@ def test_empty_mask_check_decodes_one_mask_normally(mvtec_root: Path, monkeypatc
     monkeypatch.setattr(base, "read_mask", counting)
     build_datasets("mvtec", mvtec_root, "object", SIZE, SIZE)
     assert len(calls) == 1
+
+
+def test_visa_split_csv_masks_follow_the_release_exactly(tmp_path):
+    """PBAS's VisA loader: the mask as a float image ('F'), resized, then every pixel > 0 (raw values 0/1/2)."""
+    from torchvision import transforms
+
+    import datasets.base as base
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((500, 600), np.uint8)
+    raw[100:170, 200:330] = rng.integers(1, 3, (70, 130))
+    raw[400:403, 50:550] = 1  # a thin defect: most of it lies between pixels after the resize
+    path = tmp_path / "m.png"
+    Image.fromarray(raw).save(path)
+    release = transforms.Compose([transforms.Resize(144), transforms.CenterCrop(128), transforms.ToTensor()])
+    expected = (release(Image.open(path).convert("F")) > 0).float()
+    assert torch.equal(base.load_mask(str(path), 144, 128, True), expected)
