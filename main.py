@@ -41,7 +41,6 @@ import cras
 import datasets
 import engine
 import pbas
-import report as run_report
 import utils
 from common import PRECISIONS, Embedder, Method
 from utils import UserError
@@ -682,7 +681,9 @@ def run(opts: RunOptions) -> list[str]:
         run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
     if rows:
         print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
-        LOG.info("report: %s", run_report.write_report(opts.results_path))
+        import report  # matplotlib and scikit-learn: loaded only when a report is written
+
+        LOG.info("report: %s", report.write_report(opts.results_path))
     if failures:
         LOG.error("failed jobs: %s", ", ".join(failures))
     return failures
@@ -774,9 +775,11 @@ def report_command(results: str) -> tuple[str, object]:
     threshold. It opens from disk (relative image links into RESULTS/report/ and the job folders)."""
 
     def run_tool(_: dict) -> int:
+        import report
+
         if not os.path.isdir(results):
             raise UserError(f"RESULTS {results} is not a folder")
-        LOG.info("wrote %s", run_report.write_report(results))
+        LOG.info("wrote %s", report.write_report(results))
         return 0
 
     return "report", run_tool

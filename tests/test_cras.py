@@ -59,7 +59,9 @@ def test_multi_trains_one_model_for_both_classes(multi_run: Path):
     for key in ("image_auroc", "pixel_auroc", "last_pixel_pro"):
         assert table["Mean"][key] == pytest.approx((table["mvtec_texture"][key] + table["mvtec_object"][key]) / 2)
     log = multi_run / "logs" / "project" / "group" / "test" / "cras_mvtec_dataset_seed0.csv"
-    assert log.read_text().splitlines()[0] == "epoch,loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc"
+    assert log.read_text().splitlines()[0] == ("epoch,loss,true_loss,fake_loss,p_true,p_fake,image_auroc,pixel_auroc,"
+                                               "mvtec_texture_image_auroc,mvtec_texture_pixel_auroc,"
+                                               "mvtec_object_image_auroc,mvtec_object_pixel_auroc")
 
 
 def test_multi_test_mode_reproduces_the_metrics_exactly(multi_run: Path, mvtec_root: Path, tmp_path: Path):

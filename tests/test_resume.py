@@ -106,7 +106,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def long_argv(results: Path, root: Path, *extra: str) -> list[str]:
     args = argv("pbas", results, root)
-    args[args.index("--meta_epochs") + 1] = "60"
+    args[args.index("--meta_epochs") + 1] = "25"
     return [sys.executable, str(REPO / "main.py"), *extra, *args]
 
 
