@@ -975,7 +975,7 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
         write_heatmaps(os.path.join(job.folder, "heatmaps", test.name), ds, maps[test.name])
     utils.save_text(scores_csv(job, scores), os.path.join(job.folder, SCORES_NAME))
     rows = {name: {**best_metrics[name], "best_epoch": best.epoch, "last_epoch": last.epoch,
-                   **{f"last_{k}": last_metrics[name][k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro")}}
+                   **{f"last_{k}": last_metrics[name][k] for k in (*utils.METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05")}}
             for name in job.row_names}
     if not job.finished:
         utils.save_torch(checkpoint_dict(

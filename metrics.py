@@ -12,7 +12,7 @@ This module does no file I/O.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ PRO_FPR_LIMIT = 0.3
 
 # Standard MVTec AUPRO integration limit.
 AUPRO_FPR_LIMIT = 0.3
+AUPRO_FPR_LIMIT_05 = 0.05  # MVTec AD 2 reports AU-PRO up to FPR 0.05
 
 # 8-connectivity within each image of an [N, H, W] stack (no links across images):
 # a 3x3x3 structure whose only non-zero slice is the all-ones 3x3 middle one.
@@ -270,7 +271,7 @@ def _area_up_to(x: Tensor, y: Tensor, x_max: float) -> Tensor:
     return area
 
 
-def aupro(gt: Tensor, maps: Tensor, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+def aupro(gt: Tensor, maps: Tensor, fpr_limit: float | Sequence[float] = AUPRO_FPR_LIMIT) -> float | list[float]:
     """Standard MVTec AUPRO: normalised area under PRO(FPR) for FPR in [0, fpr_limit].
 
     gt: [N, H, W] bool; maps: [N, H, W] float. Curve points at every distinct
@@ -279,17 +280,20 @@ def aupro(gt: Tensor, maps: Tensor, fpr_limit: float = AUPRO_FPR_LIMIT) -> float
     all images of the detected fraction, FPR(t) = FP / #negative pixels. No
     dilation. Exact trapezoid area with linear interpolation at fpr_limit,
     divided by fpr_limit. Returns float('nan') if there is no region or no
-    negative pixel.
+    negative pixel. Several limits (a sequence) share one curve: a list of areas.
     """
+    limits = [fpr_limit] if isinstance(fpr_limit, (int, float)) else list(fpr_limit)
     if gt.shape != maps.shape or maps.dim() != 3:
         raise ValueError(f"gt {tuple(gt.shape)} and maps {tuple(maps.shape)} must both be [N, H, W]")
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    for limit in limits:
+        if not 0.0 < limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1], got {limit}")
     gt = gt.to(device=maps.device, dtype=torch.bool)
     lab, num_regions = _region_labels(gt)
     n_neg = int((~gt).sum().item())
     if num_regions == 0 or n_neg == 0:
-        return float("nan")
+        areas = [float("nan")] * len(limits)
+        return areas[0] if isinstance(fpr_limit, (int, float)) else areas
     in_region, weights = _region_pixel_weights(lab, num_regions)
     pro_w = torch.zeros(gt.shape, dtype=torch.float64, device=maps.device)
     pro_w[in_region] = weights / num_regions
@@ -302,7 +306,8 @@ def aupro(gt: Tensor, maps: Tensor, fpr_limit: float = AUPRO_FPR_LIMIT) -> float
     zero = pro.new_zeros(1)
     fpr = torch.cat([zero, fp.to(torch.float64) / n_neg])
     pro = torch.cat([zero, pro])
-    return float(_area_up_to(fpr, pro, fpr_limit).item()) / fpr_limit
+    areas = [float(_area_up_to(fpr, pro, limit).item()) / limit for limit in limits]
+    return areas[0] if isinstance(fpr_limit, (int, float)) else areas
 
 
 # --------------------------------------------------------------------------- #
@@ -338,5 +343,5 @@ def pixel_metrics(maps: Tensor, masks: Tensor, with_pro: bool = False) -> dict[s
     }
     if with_pro:
         out["pixel_pro"] = pro_released(masks, maps)
-        out["pixel_aupro"] = aupro(gt, maps)
+        out["pixel_aupro"], out["pixel_aupro_05"] = aupro(gt, maps, (AUPRO_FPR_LIMIT, AUPRO_FPR_LIMIT_05))
     return out

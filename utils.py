@@ -35,6 +35,7 @@ RESULT_COLUMNS = (
     *METRIC_COLUMNS, "best_epoch",  # the release's columns, values of the selected (best) epoch
     *(f"last_{m}" for m in METRIC_COLUMNS), "last_epoch",  # the last epoch, never selected on test data
     "pixel_aupro", "last_pixel_aupro",  # standard MVTec AUPRO (FPR <= 0.3, no dilation)
+    "pixel_aupro_05", "last_pixel_aupro_05",  # the same up to FPR 0.05 (MVTec AD 2's AU-PRO_0.05)
     "image_f1_threshold", "image_f1",  # F1-optimal image threshold on the test set (best epoch) and its F1
 )
 
@@ -261,7 +262,8 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
     return out.getvalue()
 
 
-SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro")
+SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05",
+                *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro", "last_pixel_aupro_05")
 SEED_GROUP_COLUMNS = ("method", "setting", "seeds")
 
 

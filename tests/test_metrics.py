@@ -358,3 +358,13 @@ def test_pixel_metrics() -> None:
     assert set(metrics.pixel_metrics(maps, masks, with_pro=False)) == {"pixel_auroc", "pixel_ap"}
     empty = metrics.pixel_metrics(maps, torch.zeros_like(masks), with_pro=True)
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_aupro_at_several_limits_shares_one_curve_and_pixel_metrics_report_both() -> None:
+    rng = np.random.default_rng(4)
+    gt = torch.from_numpy(_blob_masks(rng, 3, 32, 3) == 1.0)
+    maps = torch.from_numpy(np.round(rng.random(gt.shape) + 0.4 * gt.numpy(), 2)).float()
+    both = metrics.aupro(gt, maps, (0.3, 0.05))
+    assert both == [metrics.aupro(gt, maps, 0.3), metrics.aupro(gt, maps, 0.05)]
+    out = metrics.pixel_metrics(maps, gt.float(), with_pro=True)
+    assert (out["pixel_aupro"], out["pixel_aupro_05"]) == tuple(both)
