@@ -204,7 +204,7 @@ def net_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict,
 @click.option("--num_workers", type=int, default=4, help="Data-loading worker processes.")
 @click.pass_context
 def dataset_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
-    """Dataset NAME (mvtec, visa, mpdd, itdd) at DATAPATH and its loading options."""
+    """Dataset NAME (mvtec, visa, mpdd, itdd, mvtec_ad2, btad, folder) at DATAPATH and its loading options."""
     return "dataset", (options, given_options(ctx, options))
 
 
@@ -287,6 +287,15 @@ def check_ranges(method: str, net: dict, data: dict) -> None:
                         "would pad the images with black borders")
 
 
+def default_classes(dataset: str, given: tuple[str, ...]) -> list[str]:
+    """The classes given with -d, else the dataset's official ones (a dataset without a list needs -d)."""
+    if given:
+        return list(given)
+    if not datasets.CLASSES[dataset]:
+        raise UserError(f"dataset {dataset} has no fixed class list: name the classes with -d CLASS (the folders under DATAPATH)")
+    return list(datasets.CLASSES[dataset])
+
+
 @dataclass
 class RunOptions:
     """Everything one invocation needs, validated."""
@@ -339,7 +348,7 @@ class RunOptions:
         results_path = os.path.abspath(g["results_path"])
         return cls(
             method=method, config=config, dataset=name, datapath=os.path.abspath(data["data_path"]),
-            classes=list(data["classes"]) or list(datasets.CLASSES[name]), setting=data.get("setting") or "single",
+            classes=default_classes(name, data["classes"]), setting=data.get("setting") or "single",
             resize=data["resize"], num_workers=data["num_workers"], seeds=tuple(g["seed"]), test=g["test"], gpu=tuple(g["gpu"]),
             results_path=results_path,
             log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
@@ -620,7 +629,7 @@ def read_json(path: str) -> dict:
 def table_order(name: str, group: dict, requested: list) -> tuple:
     """Rows by dataset, method, setting, seed, then the dataset's official class order; other classes after
     them, in the order their run was given them (-d), then by name."""
-    dataset, _, classname = name.partition("_")
+    dataset, classname = datasets.split_job_name(name)
     official = datasets.CLASSES.get(dataset, ())
     position = official.index(classname) if classname in official else len(official)
     given = requested.index(classname) if classname in requested else len(requested)

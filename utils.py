@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
 
 LOG = logging.getLogger("pbas")
 CHECKPOINT_FORMAT = 2  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs
@@ -252,7 +252,7 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
     writer.writerow(["Row Names", *RESULT_COLUMNS, *GROUP_COLUMNS])
     groups: dict[tuple, list[dict]] = {}
     for name, values, group in rows:
-        groups.setdefault((name.split("_", 1)[0], *(group[c] for c in GROUP_COLUMNS)), []).append((name, values, group))
+        groups.setdefault((split_job_name(name)[0], *(group[c] for c in GROUP_COLUMNS)), []).append((name, values, group))
     for members in groups.values():
         for name, values, group in members:
             writer.writerow([name, *(format_value(values.get(c, math.nan)) for c in RESULT_COLUMNS),
@@ -284,7 +284,7 @@ def seeds_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
                      *SEED_GROUP_COLUMNS])
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for name, values, group in rows:
-        key = (name.split("_", 1)[0], group["method"], group["setting"])
+        key = (split_job_name(name)[0], group["method"], group["setting"])
         groups.setdefault(key, {}).setdefault(name, {})[int(group["seed"])] = values
     for (_, method, setting), classes in groups.items():
         per_seed_means: dict[int, dict[str, float]] = {}

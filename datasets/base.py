@@ -1,8 +1,11 @@
 """Shared pieces of the dataset loaders: constants, transforms, sample list, torch Dataset.
 
-Two on-disk layouts exist: LAYOUT_MVTEC (ROOT/CLASS/train/good, test/DEFECT, ground_truth/DEFECT; MVTec AD,
-MPDD, ITDD and the MVTec-layout conversion of VisA) and LAYOUT_SPLIT_CSV (VisA's ROOT/split_csv/1cls.csv).
-Masks are binarised (> 0) only in the split_csv layout, as the PBAS release's VisA loader does.
+On-disk layouts: LAYOUT_MVTEC (ROOT/CLASS/train/good, test/DEFECT, ground_truth/DEFECT; MVTec AD, MPDD, ITDD
+and the MVTec-layout conversion of VisA), LAYOUT_SPLIT_CSV (VisA's ROOT/split_csv/1cls.csv), LAYOUT_MVTEC_AD2
+(ROOT/CLASS/train/good, test_public/{good,bad}, test_public/ground_truth/bad), LAYOUT_BTAD (ROOT/CLASS/train/ok,
+test/{ok,ko}, ground_truth/ko; masks paired by file stem) and LAYOUT_FOLDER (the user's own images:
+ROOT/CLASS/train/, test/LABEL/, optional ground_truth/LABEL/ or masks/LABEL/). Masks are binarised (> 0) only in
+the split_csv layout, as the PBAS release's VisA loader does.
 
 Decoding (read_rgb, read_mask) accepts more than 8-bit RGB: 16-bit grayscale (I;16*, and I holding
 0..65535) is scaled to 8 bits as round(v / 257), float F images must lie in [0, 1] (scaled by 255), other modes
@@ -29,7 +32,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"  # folder / defect name of normal images
 SPLITS = ("train", "test")
 
-DATASET_NAMES = ("mvtec", "visa", "mpdd", "itdd")
+DATASET_NAMES = ("mvtec", "visa", "mpdd", "itdd", "mvtec_ad2", "btad", "folder")
 CLASSES: dict[str, tuple[str, ...]] = {
     "mvtec": (
         "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule",
@@ -41,13 +44,19 @@ CLASSES: dict[str, tuple[str, ...]] = {
     ),
     "mpdd": ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
     "itdd": ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric"),  # CRAS authors' textile dataset
+    "mvtec_ad2": ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts"),
+    "btad": ("01", "02", "03"),  # BTech_Dataset_transformed
+    "folder": (),  # the user's own class folders: no official list, give the classes with -d
 }
 # PBAS release only: these MVTec classes are resized to imagesize * 8 / 7 before the centre crop (CRAS: never).
 WIDE_RESIZE_CLASSES: dict[str, tuple[str, ...]] = {"mvtec": ("toothbrush", "wood")}
 WIDE_RESIZE_FACTOR = 8 / 7
 LAYOUT_MVTEC = "mvtec"  # ROOT/CLASS/{train,test,ground_truth}/...
 LAYOUT_SPLIT_CSV = "split_csv"  # ROOT/split_csv/1cls.csv (prepared VisA)
-LAYOUTS = (LAYOUT_MVTEC, LAYOUT_SPLIT_CSV)
+LAYOUT_MVTEC_AD2 = "mvtec_ad2"  # ROOT/CLASS/{train/good,test_public/{good,bad},test_public/ground_truth/bad}
+LAYOUT_BTAD = "btad"  # ROOT/CLASS/{train/ok,test/{ok,ko},ground_truth/ko}, masks paired by stem
+LAYOUT_FOLDER = "folder"  # ROOT/CLASS/{train,test/LABEL,[ground_truth|masks]/LABEL}, masks optional
+LAYOUTS = (LAYOUT_MVTEC, LAYOUT_SPLIT_CSV, LAYOUT_MVTEC_AD2, LAYOUT_BTAD, LAYOUT_FOLDER)
 BINARIZED_MASK_LAYOUTS = (LAYOUT_SPLIT_CSV,)
 
 # Errors PIL / the OS raise for missing, unreadable or corrupt image files.
@@ -270,7 +279,7 @@ def check_readable(samples: Iterable[Sample]) -> None:
             raise DatasetError(
                 f"Mask '{sample.mask_path}' is {mask_size[0]}x{mask_size[1]} (width x height) but its image "
                 f"'{sample.image_path}' is {size[0]}x{size[1]}; a mask must have its image's size: check that "
-                "they belong together (pairs are formed in sorted order) or resize the mask to the image."
+                "they belong together (pairs are formed in sorted order, or by file name for btad and folder) or resize the mask to the image."
             )
 
 
@@ -306,7 +315,8 @@ def check_masks_not_all_empty(samples: Iterable[Sample], classname: str, locatio
 class AnomalyDataset(torch.utils.data.Dataset):
     """Images (and masks) of one class and split, transformed like the released PBAS / CRAS code.
 
-    `layout` records the on-disk layout the samples were read from (LAYOUT_MVTEC or LAYOUT_SPLIT_CSV).
+    `layout` records the on-disk layout the samples were read from (one of LAYOUTS). `has_masks` is False only
+    for a folder-dataset class without any mask folder: its masks are all zeros and pixel metrics are undefined.
     """
 
     def __init__(
@@ -319,6 +329,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         imagesize: int,
         binarize_mask: bool = False,
         layout: str = LAYOUT_MVTEC,
+        has_masks: bool = True,
     ) -> None:
         self.dataset = dataset
         self.classname = classname
@@ -328,6 +339,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.imagesize = imagesize
         self.binarize_mask = binarize_mask
         self.layout = layout
+        self.has_masks = has_masks
         self.transform_image = image_transform(resize, imagesize)
         self.transform_mask = mask_transform(resize, imagesize)
 
@@ -353,5 +365,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"AnomalyDataset({self.dataset}/{self.classname}, split={self.split}, n={len(self)}, "
-            f"resize={self.resize}, imagesize={self.imagesize}, layout={self.layout})"
+            f"resize={self.resize}, imagesize={self.imagesize}, layout={self.layout}"
+            f"{'' if self.has_masks else ', no masks'})"
         )

@@ -3,7 +3,9 @@
 ROOT/CLASS/train/good/*.png, ROOT/CLASS/test/{good,DEFECT}/*.png, ROOT/CLASS/ground_truth/DEFECT/*_mask.png.
 The i-th image of a defect type (sorted) pairs with the i-th mask of that type (sorted), as in the releases;
 when masks are named after their images (stem + optional _mask/_gt/-mask/_label), a pair whose mask is named
-after another image of the folder is a DatasetError instead of a silent mispairing.
+after another image of the folder is a DatasetError instead of a silent mispairing. The helpers defect_samples
+(this sorted-order pairing; also MVTec AD 2) and mask_by_stem (pairing by file stem; BTAD, folder dataset) serve
+the other loaders.
 """
 
 from __future__ import annotations
@@ -47,21 +49,32 @@ def train_split(class_path: str) -> list[Sample]:
     return [Sample(os.path.join(folder, name), None, 0, GOOD) for name in names]
 
 
-def _defect_masks(class_path: str, defect: str, image_folder: str, n_images: int) -> list[str]:
+MASK_LAYOUT = "ROOT/CLASS/ground_truth/DEFECT/*_mask.png"
+
+
+def _unmasked(images: list[str], masks: list[str]) -> list[str]:
+    """Images no mask is named after (stem, or stem + one MASK_SUFFIXES suffix)."""
+    owners = {mask_owner(os.path.basename(path)) for path in masks}
+    return [path for path in images if os.path.splitext(os.path.basename(path))[0] not in owners]
+
+
+def _defect_masks(mask_folder: str, defect: str, image_folder: str, images: list[str],
+                  layout: str = MASK_LAYOUT) -> list[str]:
     """Sorted mask paths of one defect type; their count must match the image count."""
-    folder = os.path.join(class_path, GROUND_TRUTH_DIR, defect)
-    if not os.path.isdir(folder):
+    if not os.path.isdir(mask_folder):
         raise DatasetError(
-            f"Ground-truth folder '{folder}' for defect type '{defect}' is missing; "
-            f"add one mask per image of '{image_folder}' (layout ROOT/CLASS/ground_truth/DEFECT/*_mask.png)."
+            f"Ground-truth folder '{mask_folder}' for defect type '{defect}' is missing; "
+            f"add one mask per image of '{image_folder}' (layout {layout})."
         )
-    names = list_images(folder)
-    if len(names) != n_images:
+    masks = [os.path.join(mask_folder, name) for name in list_images(mask_folder)]
+    if len(masks) != len(images):
+        unmasked = _unmasked(images, masks) if len(masks) < len(images) else []
+        named = f" (no mask is named after '{unmasked[0]}')" if unmasked and len(unmasked) < len(images) else ""
         raise DatasetError(
-            f"Defect type '{defect}' has {n_images} test images in '{image_folder}' but {len(names)} masks "
-            f"in '{folder}'; every defective image needs exactly one mask (paired in sorted order)."
+            f"Defect type '{defect}' has {len(images)} test images in '{image_folder}' but {len(masks)} masks "
+            f"in '{mask_folder}'{named}; every defective image needs exactly one mask (paired in sorted order)."
         )
-    return [os.path.join(folder, name) for name in names]
+    return masks
 
 
 def mask_owner(mask_name: str) -> str:
@@ -71,6 +84,27 @@ def mask_owner(mask_name: str) -> str:
         if stem.lower().endswith(suffix):
             return stem[: -len(suffix)]
     return stem
+
+
+def mask_by_stem(image: str, mask_folder: str, mask_names: list[str], layout: str) -> str:
+    """The mask of `image` among `mask_names` (files of `mask_folder`): the one with the image's stem (any image
+    extension), else the one named stem + a MASK_SUFFIXES suffix; DatasetError naming the image if there is none
+    or more than one."""
+    stem = os.path.splitext(os.path.basename(image))[0]
+    found = [name for name in mask_names if os.path.splitext(name)[0] == stem]
+    if not found:
+        found = [name for name in mask_names if mask_owner(name) == stem]
+    if len(found) > 1:
+        raise DatasetError(
+            f"Test image '{image}' has {len(found)} masks in '{mask_folder}' ({', '.join(found)}); "
+            "keep exactly one mask per image."
+        )
+    if not found:
+        raise DatasetError(
+            f"Test image '{image}' has no mask in '{mask_folder}'; add one named after the image ('{stem}' + any "
+            f"image extension, optionally with a _mask suffix) (layout {layout})."
+        )
+    return os.path.join(mask_folder, found[0])
 
 
 def check_pairing(images: list[str], masks: list[str]) -> None:
@@ -92,15 +126,21 @@ def check_pairing(images: list[str], masks: list[str]) -> None:
         )
 
 
+def defect_samples(image_folder: str, mask_folder: str, defect: str, layout: str = MASK_LAYOUT) -> list[Sample]:
+    """Defective test images of `image_folder`, paired in sorted order with the masks of `mask_folder`
+    (count and naming checked: _defect_masks, check_pairing)."""
+    images = [os.path.join(image_folder, name) for name in list_images(image_folder)]
+    masks = _defect_masks(mask_folder, defect, image_folder, images, layout)
+    check_pairing(images, masks)
+    return [Sample(image, mask, 1, defect) for image, mask in zip(images, masks)]
+
+
 def _defect_samples(class_path: str, defect: str) -> list[Sample]:
     """Test images of one folder of CLASS/test, paired with their masks unless the folder is `good`."""
     folder = os.path.join(class_path, TEST_DIR, defect)
-    images = [os.path.join(folder, name) for name in list_images(folder)]
     if defect == GOOD:
-        return [Sample(path, None, 0, GOOD) for path in images]
-    masks = _defect_masks(class_path, defect, folder, len(images))
-    check_pairing(images, masks)
-    return [Sample(image, mask, 1, defect) for image, mask in zip(images, masks)]
+        return [Sample(os.path.join(folder, name), None, 0, GOOD) for name in list_images(folder)]
+    return defect_samples(folder, os.path.join(class_path, GROUND_TRUTH_DIR, defect), defect)
 
 
 def test_split(class_path: str) -> list[Sample]:

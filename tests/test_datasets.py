@@ -47,9 +47,9 @@ def _expected_normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- constants
 
 def test_class_lists_and_names() -> None:
-    assert DATASET_NAMES == ("mvtec", "visa", "mpdd", "itdd")
-    assert list(CLASSES) == ["mvtec", "visa", "mpdd", "itdd"]
-    assert [len(CLASSES[name]) for name in DATASET_NAMES] == [15, 12, 6, 4]
+    assert DATASET_NAMES[:4] == ("mvtec", "visa", "mpdd", "itdd")  # the others: tests/test_datasets_more.py
+    assert list(CLASSES) == list(DATASET_NAMES)
+    assert [len(CLASSES[name]) for name in DATASET_NAMES[:4]] == [15, 12, 6, 4]
     assert CLASSES["itdd"] == ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")
     assert CLASSES["mvtec"][:5] == ("carpet", "grid", "leather", "tile", "wood")
     assert CLASSES["mvtec"][-1] == "zipper" and CLASSES["visa"][-1] == "pipe_fryum"
