@@ -18,6 +18,7 @@ hands it the method's class.
 """
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import csv
 import glob
@@ -107,6 +108,19 @@ def epoch_order(n: int, seed: int, pass_index: int, stream: int = 0) -> list[int
     return torch.randperm(n, generator=gen).tolist()
 
 
+class ImagesOnly(torch.utils.data.Dataset):
+    """The images (and indices) of a dataset's items, without decoding masks: what the feature source needs."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset.image_item(index)
+
+
 class FeatureSource:
     """Patch features of a dataset's images for given batches of indices.
 
@@ -137,7 +151,7 @@ class FeatureSource:
         return self.grid[0] * self.grid[1]
 
     def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+        return torch.utils.data.DataLoader(ImagesOnly(self.dataset), batch_sampler=batches, num_workers=self.num_workers,
                                            pin_memory=self.device.type == "cuda")
 
     def _embed_all(self) -> torch.Tensor:
@@ -784,6 +798,12 @@ class IndexedConcat(torch.utils.data.ConcatDataset):
         item = dict(super().__getitem__(index))
         item["index"] = index if index >= 0 else len(self) + index
         return item
+
+    def image_item(self, index: int) -> dict:
+        """{"image", "index"} of item ``index`` of the concatenation (no mask decoded)."""
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[part - 1] if part else 0
+        return {"image": self.datasets[part].image_item(index - start)["image"], "index": index}
 
     def class_indices(self) -> list[list[int]]:
         starts = [0, *self.cumulative_sizes[:-1]]

@@ -1,17 +1,24 @@
-"""Inference speed of PBAS: the PyTorch path (fp32, bf16 autocast) and the exported ONNX graph (onnxruntime).
+"""Inference speed of PBAS or CRAS: the PyTorch path (per --precisions) and the exported ONNX graph (onnxruntime).
 
-Times ``inference.PBASInference`` (images -> image scores + anomaly maps: backbone, patch embedding,
-projector, discriminator, upsampling, smoothing) on random normalised images already on the device,
-so decoding and host-to-device copies are not included. Batch 1 gives the single-image latency, the
-larger batch the throughput. Warm-up calls are not timed; on CUDA every call is synchronised. The
-ONNX model runs with the CUDA provider when the device is a GPU and onnxruntime has it (inputs and
-outputs bound on the GPU), else with the CPU provider.
+Times ``inference.InferenceGraph`` (images -> image scores + anomaly maps: backbone, patch embedding,
+projector, discriminator, upsampling, smoothing; CRAS also the class vote and the nearest-center search in
+the voted bank) on random normalised images already on the device, so decoding and host-to-device copies
+are not included. Batch 1 gives the single-image latency, the larger batch the throughput. Warm-up calls
+are not timed; on CUDA every call is synchronised. The ONNX model is ``inference.onnx_bytes`` of the same
+method (``ExportGraph``: fp32, CPU export); it runs with the CUDA provider when the device is a GPU and
+onnxruntime offers it (inputs and outputs bound on the GPU), else with the CPU provider. Each onnxruntime row
+is labelled by the provider the session actually uses (its first active provider); a GPU run whose session
+fell back to the CPU says so.
 
-The projector and discriminator are randomly initialised (their weights do not change the speed).
-``--random_weights`` builds the backbone randomly initialised too, for machines without its pretrained
-weights; without it a missing weights file is an error (no silent fallback).
+The method is built as ``inference.load_model`` builds a checkpoint's, with randomly initialised projector
+and discriminator (their weights do not change the speed). CRAS scores with the per-image class vote
+(``class_vote`` "image", as predict and export) and a random center bank [C, H*W, D] of --n_classes classes
+(default 15, MVTec AD's multi-class model). ``--random_weights`` builds the backbone randomly initialised
+too, for machines without its pretrained weights; without it a missing weights file is an error (no silent
+fallback).
 
-    python benchmarks/bench_infer.py --random_weights                                     # wideresnet50, 288 px
+    python benchmarks/bench_infer.py --random_weights                                     # PBAS, wideresnet50, 288 px
+    python benchmarks/bench_infer.py --random_weights --method cras                       # CRAS, 15 class banks
     python benchmarks/bench_infer.py --backbone efficientnet_lite0 --output bench.md
 """
 from __future__ import annotations
@@ -30,12 +37,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import backbones  # noqa: E402
+import engine  # noqa: E402
 import inference  # noqa: E402
+import main  # noqa: E402
 import pbas  # noqa: E402
 import utils  # noqa: E402
+from common import PRECISIONS, Embedder  # noqa: E402
 
+METHODS = main.METHODS
 DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.2", "blocks.4")}  # other backbones: the release's layer2, layer3
 RELEASE_LAYERS = ("layer2", "layer3")
+CRAS_CLASSES = 15  # MVTec AD's classes: the bank count of CRAS's multi-class model
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
 @dataclass
@@ -56,25 +69,40 @@ class Row:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=list(METHODS), default="pbas", help="pbas or cras (default: %(default)s)")
+    p.add_argument("--n_classes", type=int, default=None,
+                   help=f"CRAS: class banks in the center (default: {CRAS_CLASSES}); PBAS: always 1")
     p.add_argument("--backbone", default="wideresnet50", help="backbone name (default: %(default)s)")
     p.add_argument("--layers", nargs="+", default=None, help="layers (default: blocks.2 blocks.4 for efficientnet_lite0, else layer2 layer3)")
     p.add_argument("--random_weights", action="store_true",
                    help="randomly initialised backbone (timing only; for machines without the pretrained weights)")
     p.add_argument("--imagesize", type=int, default=288, help="square input size S (default: %(default)s)")
-    p.add_argument("--embed_dimension", type=int, default=1536, help="pretrain and target embedding size (default: %(default)s)")
-    p.add_argument("--dsc_hidden", type=int, default=1024, help="discriminator hidden width (default: %(default)s)")
+    p.add_argument("--embed_dimension", type=int, default=1536, help="pretrain and target embedding size D (default: %(default)s)")
+    p.add_argument("--dsc_layers", type=int, default=None, help="discriminator depth (default: the method's, pbas 2, cras 3)")
+    p.add_argument("--dsc_hidden", type=int, default=None, help="PBAS: discriminator hidden width (default: 1024)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s: cuda:0 when available)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32], help="batch sizes (default: %(default)s)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
                    help="PyTorch precisions (default: %(default)s)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per row (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each row (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, centers and images (default: %(default)s)")
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX export and the onnxruntime rows")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
     args = p.parse_args(argv)
-    for name in ("imagesize", "embed_dimension", "dsc_hidden", "iters"):
+    if args.method == "pbas" and args.dsc_hidden is None:
+        args.dsc_hidden = pbas.PBASConfig.dsc_hidden
+    if args.method == "cras" and args.dsc_hidden is not None:
+        p.error("--dsc_hidden is PBAS's: CRAS's discriminator halves its width at every layer")
+    if args.method == "pbas" and args.n_classes not in (None, 1):
+        p.error("--n_classes: PBAS models have one class")
+    args.n_classes = args.n_classes or (CRAS_CLASSES if args.method == "cras" else 1)
+    args.dsc_layers = args.dsc_layers or METHODS[args.method].Config.dsc_layers
+    for name in ("imagesize", "embed_dimension", "dsc_layers", "iters", "n_classes"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.dsc_hidden is not None and args.dsc_hidden < 1:
+        p.error("--dsc_hidden must be at least 1")
     if args.warmup < 0 or min(args.batch_sizes) < 1:
         p.error("--warmup must be non-negative and batch sizes positive")
     return args
@@ -92,15 +120,34 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(args: argparse.Namespace, precision: str, device: torch.device) -> pbas.PBAS:
-    """A PBAS model of the benchmark's configuration (random heads), in eval mode on ``device``."""
-    layers = tuple(args.layers or DEFAULT_LAYERS.get(args.backbone, RELEASE_LAYERS))
-    config = pbas.PBASConfig(backbone=args.backbone, layers=layers, pretrain_embed_dimension=args.embed_dimension,
-                             target_embed_dimension=args.embed_dimension, dsc_hidden=args.dsc_hidden,
-                             imagesize=args.imagesize)
+def layers_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.layers or DEFAULT_LAYERS.get(args.backbone, RELEASE_LAYERS))
+
+
+def build_model(args: argparse.Namespace, precision: str, device: torch.device) -> inference.LoadedModel:
+    """The benchmark's method with random heads (and for CRAS a random center bank), in eval mode on ``device``,
+    as inference.load_model builds a checkpoint's: Embedder + Encoder + the method, CRAS with the per-image vote."""
+    method_cls = METHODS[args.method]
+    values = dict(backbone=args.backbone, layers=layers_of(args), pretrain_embed_dimension=args.embed_dimension,
+                  target_embed_dimension=args.embed_dimension, imagesize=args.imagesize, dsc_layers=args.dsc_layers)
+    if args.method == "pbas":
+        values["dsc_hidden"] = args.dsc_hidden
+    else:
+        values["class_vote"] = inference.PER_IMAGE_VOTE
+    config = method_cls.Config(**values)
+    utils.set_seed(args.seed)  # the same random weights for every precision
     _, stages = backbones.load_backbone(args.backbone, pretrained=not args.random_weights)
-    backbones.check_layers(args.backbone, layers, stages)
-    return pbas.PBAS(config, stages, precision).to(device).eval()
+    backbones.check_layers(args.backbone, config.layers, stages)
+    embedder = Embedder(stages, config.layers, config.patchsize, config.pretrain_embed_dimension,
+                        config.target_embed_dimension)
+    encoder = engine.Encoder(embedder.to(device), precision, config.train_backbone)
+    method = method_cls(config, args.n_classes, precision).to(device)
+    if method.needs_center_to_score:  # CRAS: one random bank [H*W, D] per class
+        h, w = encoder.grid(args.imagesize, device)
+        method.center = torch.randn(args.n_classes, h * w, args.embed_dimension, device=device)
+    method.eval()
+    classes = [f"class{c}" for c in range(args.n_classes)]
+    return inference.LoadedModel(encoder, method, classes, args.imagesize)
 
 
 def time_calls(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> list[float]:
@@ -121,13 +168,15 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int, device: torch.
 def torch_rows(args: argparse.Namespace, device: torch.device) -> list[Row]:
     rows = []
     for precision in args.precisions:
-        model = inference.PBASInference(build_model(args, precision, device)).eval()
+        utils.configure_precision(precision, device)  # fp32 means fp32 (no TF32); tf32 turns it on
+        graph = build_model(args, precision, device).graph().eval()
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, args.imagesize, args.imagesize, device=device)
             with torch.no_grad():
-                seconds = time_calls(lambda m=model, x=images: m(x), args.iters, args.warmup, device)
+                seconds = time_calls(lambda g=graph, x=images: g(x), args.iters, args.warmup, device)
             rows.append(Row("PyTorch", precision, batch, seconds))
             print(f"PyTorch {precision} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
+    utils.configure_precision("fp32", device)
     return rows
 
 
@@ -144,24 +193,42 @@ def ort_call(session, images: torch.Tensor) -> Callable[[], object]:
     return lambda: session.run_with_iobinding(binding)
 
 
-def onnx_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[Row], str]:
+def onnx_session(data: bytes, device: torch.device):
+    """An onnxruntime session of the model: the CUDA provider on a GPU when onnxruntime offers it, else the CPU.
+
+    -> (session, row label naming the provider the session actually uses, note for the table header)
+    """
     import onnxruntime
 
-    data = inference.onnx_bytes(build_model(args, "fp32", torch.device("cpu")))
-    cuda = device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    if cuda:
-        provider = ("CUDAExecutionProvider", {"device_id": device.index or 0})
+    available = onnxruntime.get_available_providers()
+    want_cuda = device.type == "cuda"
+    if want_cuda and CUDA_PROVIDER in available:
+        providers = [(CUDA_PROVIDER, {"device_id": device.index or 0}), CPU_PROVIDER]
     else:
-        provider = "CPUExecutionProvider"
-    session = onnxruntime.InferenceSession(data, providers=[provider])
-    engine = f"onnxruntime {'CUDA' if cuda else 'CPU'}"
-    run_on = device if cuda else torch.device("cpu")
+        providers = [CPU_PROVIDER]
+    session = onnxruntime.InferenceSession(data, providers=providers)
+    active = session.get_providers()
+    label = f"onnxruntime {active[0]}"
+    note = ""
+    if want_cuda and active[0] != CUDA_PROVIDER:
+        if CUDA_PROVIDER in available:
+            reason = f"{CUDA_PROVIDER} requested but not active (session providers: {', '.join(active)})"
+        else:
+            reason = f"onnxruntime offers no {CUDA_PROVIDER} here (available: {', '.join(available)})"
+        label += f" (CUDA requested, {CUDA_PROVIDER} not active)"
+        note = f"; the onnxruntime rows ran on the CPU: {reason}"
+    return session, label, note
+
+
+def onnx_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[Row], str]:
+    data = inference.onnx_bytes(build_model(args, "fp32", torch.device("cpu")))
+    session, label, note = onnx_session(data, device)
+    run_on = device if session.get_providers()[0] == CUDA_PROVIDER else torch.device("cpu")
     rows = []
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, args.imagesize, args.imagesize, device=run_on)
-        rows.append(Row(engine, "fp32", batch, time_calls(ort_call(session, images), args.iters, args.warmup, run_on)))
-        print(f"{engine} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
-    note = "" if cuda or device.type != "cuda" else " (onnxruntime has no CUDA provider here: CPU rows)"
+        rows.append(Row(label, "fp32", batch, time_calls(ort_call(session, images), args.iters, args.warmup, run_on)))
+        print(f"{label} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
     return rows, note
 
 
@@ -173,10 +240,15 @@ def describe(device: torch.device) -> str:
 
 def markdown(args: argparse.Namespace, device: torch.device, rows: list[Row], note: str) -> str:
     weights = "random" if args.random_weights else "pretrained"
-    layers = " ".join(args.layers or DEFAULT_LAYERS.get(args.backbone, RELEASE_LAYERS))
+    layers = " ".join(layers_of(args))
+    if args.method == "cras":
+        heads = f"CRAS, dsc_layers {args.dsc_layers}, {args.n_classes} class banks, per-image class vote"
+    else:
+        heads = f"PBAS, dsc_layers {args.dsc_layers}, dsc_hidden {args.dsc_hidden}"
     lines = [
-        f"Inference speed: {args.backbone} ({layers}, {weights} weights), {args.imagesize} px, D = {args.embed_dimension}, "
-        f"{describe(device)}, torch {torch.__version__}; median of {args.iters} calls after {args.warmup} warm-up{note}.",
+        f"Inference speed: {heads}; {args.backbone} ({layers}, {weights} weights), {args.imagesize} px, "
+        f"D = {args.embed_dimension}, {describe(device)}, torch {torch.__version__}; median of {args.iters} calls "
+        f"after {args.warmup} warm-up{note}.",
         "",
         "| engine | precision | batch | ms / batch | ms / image | images / s |",
         "|---|---|---:|---:|---:|---:|",
@@ -189,7 +261,6 @@ def markdown(args: argparse.Namespace, device: torch.device, rows: list[Row], no
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    utils.configure_precision("fp32")  # fp32 means fp32 (no TF32)
     rows = torch_rows(args, device)
     note = ""
     if not args.no_onnx:

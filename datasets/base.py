@@ -351,6 +351,10 @@ class AnomalyDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         return _apply_mask(sample.mask_path, self.transform_mask, self.imagesize, self.binarize_mask)
 
+    def image_item(self, index: int) -> dict:
+        """{"image", "index"} of sample ``index``, without decoding its mask (the feature cache needs only this)."""
+        return {"image": _apply_image(self.samples[index].image_path, self.transform_image), "index": index}
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         return {
