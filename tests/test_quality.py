@@ -13,7 +13,7 @@ import main
 from datasets.synthetic import make_dataset
 
 NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "256",
-       "--target_embed_dimension", "256", "--dsc_hidden", "256", "--meta_epochs", "60"]  # = shell/run-demo.sh
+       "--target_embed_dimension", "256", "--dsc_hidden", "256", "--meta_epochs", "25"]  # shell/run-demo.sh, 25 epochs
 DATA = ["dataset", "--batch_size", "8", "--resize", "128", "--imagesize", "128", "--num_workers", "0",
         "-d", "texture", "-d", "object", "mvtec"]
 

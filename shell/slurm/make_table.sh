@@ -18,8 +18,15 @@ case "$method/$setting" in
   *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single or cras/multi, got $method/$setting" >&2; exit 2 ;;
 esac
 if [[ -z "$classes" ]]; then
-  classes="$(cd "$REPO" && python3 -c "import sys, datasets; print(' '.join(datasets.CLASSES[sys.argv[1]]))" "$dataset" 2>/dev/null)" || {
-    echo "make_table.sh: unknown dataset '$dataset'; give its classes as the 6th argument" >&2; exit 2; }
+  # the official class lists of datasets/base.py, read without importing the package (no torch start-up)
+  classes="$(python3 - "$REPO/datasets/base.py" "$dataset" <<'PY'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read())
+node = next(n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+            and getattr(n.targets[0] if isinstance(n, ast.Assign) else n.target, "id", "") == "CLASSES")
+print(" ".join(ast.literal_eval(node).get(sys.argv[2], ())))
+PY
+)" && [[ -n "$classes" ]] || { echo "make_table.sh: unknown dataset '$dataset' or no class list; give its classes as the 6th argument" >&2; exit 2; }
 fi
 datapath="$(realpath -m "$datapath")"
 for seed in $seeds; do
