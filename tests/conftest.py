@@ -13,6 +13,7 @@ import pytest
 
 import engine
 import main
+from datasets import DatasetError
 from datasets.synthetic import make_dataset, make_visa_dataset
 
 FIXTURE_CLASSES = ("texture", "object")
@@ -66,3 +67,12 @@ def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactor
     path = results / "models" / "pbas" / f"mvtec_{TRAINED_CLASS}" / "seed0" / engine.CHECKPOINT_NAME
     assert path.is_file()
     return path
+
+
+def dataset_error(call, *args) -> str:
+    """Run call(*args), expect a DatasetError and return its (one-line) message."""
+    with pytest.raises(DatasetError) as info:
+        call(*args)
+    message = str(info.value)
+    assert "\n" not in message and message.strip()
+    return message

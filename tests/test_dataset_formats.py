@@ -16,19 +16,13 @@ from PIL import Image
 
 import datasets.base as base
 from datasets import DatasetError, build_datasets, image_transform, load_image, load_mask, mask_transform
+from conftest import dataset_error as _error
 
 SIZE = 64  # image size of the conftest fixtures
 VALUES_16 = np.array([0, 128, 129, 255, 256, 1000, 32768, 32896, 65407, 65535], dtype=np.uint16)
 EXPECTED_8 = np.array([round(v / 257) for v in VALUES_16.tolist()], dtype=np.uint8)
 
 
-def _error(call, *args) -> str:
-    """Run call(*args), expect a DatasetError and return its (one-line) message."""
-    with pytest.raises(DatasetError) as info:
-        call(*args)
-    message = str(info.value)
-    assert "\n" not in message and message.strip()
-    return message
 
 
 def _rgb(path: Path) -> np.ndarray:

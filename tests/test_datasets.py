@@ -26,18 +26,12 @@ from datasets import (
     load_mask,
 )
 from datasets.synthetic import DEFECT_TYPES, MARKER_FILE, class_kinds, main, make_dataset, make_visa_dataset
+from conftest import dataset_error as _error
 
 SIZE = 64  # image size of the conftest fixtures
 N_TRAIN, N_GOOD, N_DEFECT = 8, 3, 4  # counts of the conftest fixtures
 
 
-def _error(call, *args) -> str:
-    """Run call(*args), expect a DatasetError and return its (one-line) message."""
-    with pytest.raises(DatasetError) as info:
-        call(*args)
-    message = str(info.value)
-    assert "\n" not in message and message.strip()
-    return message
 
 
 def _expected_normalised(rgb: tuple[int, int, int]) -> torch.Tensor:

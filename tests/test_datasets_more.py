@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import datasets
+from conftest import dataset_error as _error
 from datasets import (
     CLASSES,
     DATASET_NAMES,
@@ -33,13 +34,6 @@ W, H = 10, 10  # size of the generated images and masks
 S = 15  # resize = imagesize of the builds: 10 -> 15 makes bilinear mask edges fractional
 
 
-def _error(call, *args) -> str:
-    """Run call(*args), expect a DatasetError and return its (one-line) message."""
-    with pytest.raises(DatasetError) as info:
-        call(*args)
-    message = str(info.value)
-    assert "\n" not in message and message.strip()
-    return message
 
 
 def _image(path: Path, value: int = 128) -> None:
