@@ -6,9 +6,9 @@ Reading order:
     batches_of, epoch_order    the batches of every pass (seeded, independent of caching and loaders)
     TrainSet, ClassTest        a job's training features with class labels; each class's test set
     initialize, train_epoch    centers (the method's rule), one epoch of the method's loss
-    evaluate, fit              per-class test metrics, best-epoch selection on mean I-AUROC + mean P-AUROC
+    evaluate, Trainer          per-class test metrics; the resumable fit loop, best epoch on mean I-AUROC + mean P-AUROC
     checkpoints                the self-describing format: method, config, centers, best and last states
-    ReleasedWeights            the authors' ``center.pth`` + ``ckpt_best_N.pth`` folders
+    release_files, load_release  the authors' ``center.pth`` + ``ckpt_best_N.pth`` folders
     run_job                    train (or load) one job, final evaluation, checkpoint, heatmaps, metrics
 
 A *job* is what one model is trained for: one class (PBAS; CRAS --setting single) or every requested
@@ -624,14 +624,6 @@ class Trainer:
         assert self.best is not None  # the last epoch is always evaluated
         return FitResult(self.best, Snapshot(cfg.meta_epochs - 1, trained_state(self.method, self.encoder),
                                              self.last_metrics), self.history)
-
-
-def fit(method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
-        hooks: FitHooks | None = None, progress: Callable | None = None) -> FitResult:
-    """Train from scratch (see Trainer)."""
-    trainer = Trainer(method, encoder, train, tests, seed, hooks, progress)
-    trainer.start()
-    return trainer.run()
 
 
 # ----------------------------------------------------------------------------------------------
