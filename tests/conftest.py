@@ -76,3 +76,13 @@ def dataset_error(call, *args) -> str:
     message = str(info.value)
     assert "\n" not in message and message.strip()
     return message
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (-n 2) every worker process gets one torch thread: two workers share the two cores."""
+    import os
+
+    import torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
