@@ -38,7 +38,7 @@ import torch
 
 import metrics
 import utils
-from common import Embedder, Method, MethodConfig, autocast
+from common import Embedder, Method, MethodConfig, StepStats, autocast
 from utils import UserError
 
 LOG = logging.getLogger("pbas")

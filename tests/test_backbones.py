@@ -5,7 +5,6 @@ import urllib.error
 
 import pytest
 import torch
-import torchvision
 
 import backbones
 import main

@@ -18,7 +18,6 @@ from datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AnomalyDataset,
-    DatasetError,
     build_datasets,
     effective_resize,
     image_transform,

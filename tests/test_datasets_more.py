@@ -23,7 +23,6 @@ from datasets import (
     LAYOUT_MVTEC_AD2,
     LAYOUTS,
     AnomalyDataset,
-    DatasetError,
     build_datasets,
     dataset_layout,
     effective_resize,
