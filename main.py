@@ -723,7 +723,7 @@ class InterspersedCommand(click.Command):
 
 @main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=str)
-@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/).")
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/seedN/).")
 @click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
 @click.option("--threshold", type=str, default="auto", help=f"Image threshold. {THRESHOLD_HELP}")
 @click.option("--pixel_threshold", type=str, default="auto", help=f"Pixel threshold of the masks. {PIXEL_THRESHOLD_HELP}")
