@@ -31,8 +31,7 @@ class CRASConfig(MethodConfig):
 
     meta_epochs: int = 100
     k: float = 0.3
-    imagesize: int = 288
-    batch_size: int = 32
+    batch_size: int = 32  # multi-class; the single setting's 8 is main.py's CRAS_SINGLE_BATCH_SIZE
     dsc_layers: int = 3
     noise: float = 0.015  # std of the Gaussian residual noise
     class_vote: str = "batch"  # test-time class: majority of the batch (release) or each image's own

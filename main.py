@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import json
 import logging
 import multiprocessing
 import os
@@ -605,25 +604,12 @@ def record_configs(opts: RunOptions, jobs: list[engine.Job]) -> None:
     command and device options; the entries of other runs stay."""
     path = os.path.join(opts.results_path, CONFIG_NAME)
     with utils.locked(opts.results_path):
-        runs = read_json(path).get("runs", {})
+        runs = utils.read_json(path).get("runs", {})
         for job in jobs:
             runs[os.path.relpath(job.folder, opts.results_path)] = {
                 "config": job.config, "command": sys.argv, "torch": torch.__version__, "gpu": list(opts.gpu),
                 "cache": opts.cache, "num_workers": opts.num_workers, "log": os.path.relpath(job.log_path, opts.results_path)}
         utils.save_json({"runs": runs}, path)
-
-
-def read_json(path: str) -> dict:
-    """A JSON object from ``path``; {} when the file is missing or unreadable (a warning says which)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        LOG.warning("ignoring unreadable %s (%s)", path, type(exc).__name__)
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def table_order(name: str, group: dict, requested: list) -> tuple:
@@ -644,7 +630,7 @@ def rebuild_results(results_path: str) -> None:
     with utils.locked(results_path):
         rows = []
         for path in glob.glob(os.path.join(results_path, "models", "*", "*", "seed*", engine.METRICS_NAME)):
-            data = read_json(path)
+            data = utils.read_json(path)
             if not isinstance(data.get("rows"), dict) or not {"method", "setting", "seed"} <= set(data):
                 LOG.warning("ignoring %s: not a metrics file of this version", path)
                 continue

@@ -14,7 +14,6 @@ import csv
 import glob
 import html
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -54,21 +53,12 @@ def _read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def collect(results: str) -> list[JobRun]:
     """Every finished job of the folder (those with a metrics.json), in folder order."""
-    runs = _read_json(os.path.join(results, "config.json")).get("runs", {})
+    runs = utils.read_json(os.path.join(results, "config.json")).get("runs", {})
     found = []
     for path in sorted(glob.glob(os.path.join(results, "models", "*", "*", "seed*", "metrics.json"))):
-        data = _read_json(path)
+        data = utils.read_json(path)
         if not isinstance(data.get("rows"), dict):
             continue
         folder = os.path.relpath(os.path.dirname(path), results)

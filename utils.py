@@ -84,6 +84,19 @@ def check_writable_folder(path: str, option: str) -> None:
         raise UserError(f"{option} {path} cannot be written ({exc.strerror or type(exc).__name__})") from exc
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from ``path``; {} when the file is missing or unreadable (a warning says which)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        LOG.warning("ignoring unreadable %s (%s)", path, type(exc).__name__)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def save_torch(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
