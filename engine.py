@@ -26,18 +26,17 @@ import io
 import logging
 import math
 import os
-import random
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 import metrics
 import utils
+from runstate import Interrupted, rng_state, set_rng_state, stop_requested
 from common import Embedder, Method, MethodConfig, StepStats, autocast
 from utils import UserError
 
@@ -458,46 +457,6 @@ def load_trained_state(method: Method, encoder: Encoder, state: dict) -> None:
 
 class Diverged(RuntimeError):
     """Training produced a NaN or infinite loss or score; the message names the epoch and what diverged."""
-
-
-class Interrupted(Exception):
-    """The run was asked to stop (SIGTERM / SIGINT); ``saved`` tells whether a training state was written."""
-
-    def __init__(self, signum: int, saved: str | None = None):
-        super().__init__(signum, saved)
-        self.signum = signum
-        self.saved = saved
-
-
-_STOP = {"signum": 0}
-
-
-def request_stop(signum: int) -> None:
-    """Ask the running job to stop at the next step boundary, saving its training state (signal handlers)."""
-    _STOP["signum"] = signum
-
-
-def stop_requested() -> int:
-    """The signal that asked the run to stop, or 0."""
-    return _STOP["signum"]
-
-
-def rng_state() -> dict:
-    """Every global random stream: Python, NumPy, torch CPU and each CUDA device (tensors and plain data,
-    so that it loads with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass

@@ -19,7 +19,6 @@ their jobs to it; the tables are rebuilt under a lock from what is on disk.
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import logging
 import multiprocessing
@@ -40,13 +39,12 @@ import cras
 import datasets
 import engine
 import pbas
+import runstate
 import utils
 from common import PRECISIONS, Embedder, Method
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
-PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
-DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
 METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}
 SETTINGS = ("multi", "single")
 RESIZE_DEFAULTS = {"pbas": 288, "cras": 329}  # the releases' --resize (CRAS center-crops 288 from 329 for every class)
@@ -482,7 +480,7 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
                 _, stages = backbones.load_backbone(cfg.backbone)
             embedder = Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
             rows = engine.run_job(job, settings, embedder, device)
-        except engine.Interrupted as exc:
+        except runstate.Interrupted as exc:
             exc.job = job.name
             raise
         except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
@@ -502,20 +500,10 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
         report(index, rows, None)
 
 
-def die_with_parent() -> None:
-    """Linux: have the kernel send this process SIGTERM when its parent dies (even by SIGKILL), so that a
-    worker saves its state and stops instead of training on as an orphan."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's handler still forwards its signals
-        pass
-
-
 def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int, parent: int) -> None:
     """A worker process: take job indices from ``tasks`` until its sentinel (None), report rows on ``results``."""
-    die_with_parent()
-    install_stop_handlers()
+    runstate.die_with_parent()
+    runstate.install_stop_handlers()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [gpu {gpu}] %(message)s", datefmt="%H:%M:%S")
@@ -524,13 +512,13 @@ def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, 
         torch.cuda.set_device(gpu)  # before anything touches CUDA: pinned memory would open a context on GPU 0
 
     def next_jobs():
-        while not engine.stop_requested() and (index := tasks.get()) is not None:
+        while not runstate.stop_requested() and (index := tasks.get()) is not None:
             results.put(("start", index, None, None))
             yield index, jobs[index]
 
     try:
         run_jobs(opts, next_jobs(), gpu, lambda index, rows, error: results.put(("done", index, rows, error)))
-    except engine.Interrupted as exc:
+    except runstate.Interrupted as exc:
         results.put(("interrupted", -1, getattr(exc, "job", None), exc.saved))
         sys.exit(128 + exc.signum)
 
@@ -555,7 +543,7 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
         for w in workers:
             w.start()
         while len(finished) < len(jobs):
-            signum = engine.stop_requested()
+            signum = runstate.stop_requested()
             if signum and not forwarded:  # pass the stop on: each worker saves its job's state and exits
                 for w in workers:
                     if w.is_alive():
@@ -580,8 +568,8 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
             if w.is_alive():  # stuck: do not leave it running
                 w.kill()
                 w.join()
-    if engine.stop_requested():
-        exc = engine.Interrupted(engine.stop_requested(), ", ".join(f"{job}: {saved}" for job, saved in interrupted if job) or None)
+    if runstate.stop_requested():
+        exc = runstate.Interrupted(runstate.stop_requested(), ", ".join(f"{job}: {saved}" for job, saved in interrupted if job) or None)
         raise exc
     for index in range(len(jobs)):  # jobs lost with a crashed worker, or never started
         if index not in finished:
@@ -791,32 +779,13 @@ def checkpoint_method(g: dict) -> dict[str, type[Method]]:
 # (end of tool subcommands)
 
 
-def install_stop_handlers() -> None:
-    """SIGTERM (SLURM before its time limit, timeout, kill) and SIGINT (Ctrl-C) ask the run to stop after the
-    current training step, saving its state; a second signal stops at once."""
-    first = {"at": 0.0}
-
-    def handler(signum: int, _frame) -> None:
-        if engine.stop_requested():
-            if time.monotonic() - first["at"] < DUPLICATE_SIGNAL_SECONDS:
-                return  # the same stop delivered twice (to the process group and forwarded by a parent)
-            raise KeyboardInterrupt
-        first["at"] = time.monotonic()
-        engine.request_stop(signum)
-        LOG.warning("%s received: stopping after the current step (the training state is saved); "
-                    "send it again to stop at once", signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors for bad input, exit code 2; 1 when a job failed; 128 + signal when stopped
     by SIGTERM (143) or SIGINT (130)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    engine.request_stop(0)
+    runstate.request_stop(0)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    install_stop_handlers()
+    runstate.install_stop_handlers()
     try:
         return _cli(argv)
     finally:
@@ -835,7 +804,7 @@ def _cli(argv: list[str] | None) -> int:
     except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except engine.Interrupted as exc:
+    except runstate.Interrupted as exc:
         name = signal.Signals(exc.signum).name
         job = getattr(exc, "job", None)
         if exc.saved and job:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import runstate
 import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def stop_after(monkeypatch, steps: int, signum: int) -> None:
         def hook(so_far):
             taken["n"] += 1
             if taken["n"] == steps:
-                engine.request_stop(signum)
+                runstate.request_stop(signum)
             after_step(so_far)
         return train_epoch(method, optimizers, train, order, limit, done, hook)
 

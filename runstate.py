@@ -1,0 +1,91 @@
+"""Run machinery shared by every pipeline (PBAS/CRAS engine, PANDA): stop requests from signals, the global
+random streams of a resumable state, and process hygiene for worker processes.
+
+A stop is cooperative: a signal handler records it (``request_stop``), the training loop polls
+``stop_requested`` at step boundaries, saves its state and raises ``Interrupted``; the CLI turns that into
+exit code 128 + signal. A second signal (not the same one delivered twice) stops at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger("pbas")
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM / SIGINT); ``saved`` tells whether a training state was written."""
+
+    def __init__(self, signum: int, saved: str | None = None):
+        super().__init__(signum, saved)
+        self.signum = signum
+        self.saved = saved
+
+
+_STOP = {"signum": 0}
+
+
+def request_stop(signum: int) -> None:
+    """Ask the running job to stop at the next step boundary, saving its training state (signal handlers)."""
+    _STOP["signum"] = signum
+
+
+def stop_requested() -> int:
+    """The signal that asked the run to stop, or 0."""
+    return _STOP["signum"]
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM (SLURM before its time limit, timeout, kill) and SIGINT (Ctrl-C) ask the run to stop after the
+    current training step, saving its state; a second signal stops at once."""
+    first = {"at": 0.0}
+
+    def handler(signum: int, _frame) -> None:
+        if stop_requested():
+            if time.monotonic() - first["at"] < DUPLICATE_SIGNAL_SECONDS:
+                return  # the same stop delivered twice (to the process group and forwarded by a parent)
+            raise KeyboardInterrupt
+        first["at"] = time.monotonic()
+        request_stop(signum)
+        LOG.warning("%s received: stopping after the current step (the training state is saved); "
+                    "send it again to stop at once", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies (even by SIGKILL), so that a
+    worker saves its state and stops instead of training on as an orphan."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's handler still forwards its signals
+        pass
+
+
+def rng_state() -> dict:
+    """Every global random stream: Python, NumPy, torch CPU and each CUDA device (tensors and plain data,
+    so that it loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
