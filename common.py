@@ -10,6 +10,7 @@ Data flow for one batch of images:
 It also holds what both methods (``pbas.py``, ``cras.py``) are built from:
     Embedder                      FeatureExtractor + PatchEmbedder: images -> patch features
     Projection, Discriminator     the projector P and the MLP discriminator D (release key names)
+    finite_bce                    the discriminator's loss, NaN (not a device-side assert) on a NaN score
     autocast                      the one place where reduced precision is switched on
     Method                        the interface a method implements for the engine, with the shared parts
 
@@ -18,6 +19,7 @@ Nothing in this module does I/O.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, ClassVar, Iterable
 
@@ -237,6 +239,20 @@ class Discriminator(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x).float())
+
+
+def finite_bce(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of scores in [0, 1] (PBAS Eq. 8-9, CRAS Eq. 9), NaN when any score is not finite.
+
+    ``F.binary_cross_entropy`` requires 0 <= p <= 1: a NaN score raises on the CPU and is a device-side assert on
+    CUDA, which breaks the process's CUDA context for every later job. Here a NaN score is replaced by 0.5 for the
+    kernel and the loss becomes NaN, so the epoch's statistics stop the job as ``Diverged`` with no host
+    synchronisation per step. With finite scores, value and gradient are those of ``F.binary_cross_entropy``.
+    scores, target [N, 1] -> [] float32
+    """
+    finite = torch.isfinite(scores)  # [N, 1]
+    loss = F.binary_cross_entropy(torch.where(finite, scores, torch.full_like(scores, 0.5)), target)
+    return torch.where(finite.all(), loss, torch.full_like(loss, math.nan))
 
 
 def cosine_argmax(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

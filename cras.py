@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax
+from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax, finite_bce
 
 DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # Adam on D (cras.py: load); P uses AdamW's default 0.01
 P_MARGIN = 0.5  # the release's p_true / p_fake logging threshold
@@ -62,6 +61,17 @@ def residual_scale(dist: torch.Tensor, noise_norm: torch.Tensor, k: float) -> to
     """alpha_j = (s_j - 1) k + 1 with s_j = r_j / mean(r), r_j = ||eps_j|| / d_j (spec 2.5 step 4). [N] -> [N]."""
     r = noise_norm / dist
     return (r / r.mean() - 1) * k + 1
+
+
+def batch_vote(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The most frequent class of a batch; a tie goes to the smallest class index. [B] int64 -> [] int64.
+
+    The release's ``torch.mode`` picks the smallest tied value on the CPU but not by contract on CUDA; counting
+    against every class index and taking the first maximum (``argmax``'s documented rule) gives the CPU answer
+    on every device, without a host synchronisation.
+    """
+    counts = (classes.unsqueeze(1) == torch.arange(num_classes, device=classes.device)).sum(0)  # [C]
+    return counts.argmax()
 
 
 class CRAS(Method):
@@ -142,8 +152,8 @@ class CRAS(Method):
         fake, _ = self.synthesize(x, c, noise)
         scores = self.discriminate(torch.cat([torch.cat([x, x - c], 1), torch.cat([fake, fake - c], 1)]))  # [2N, 1]
         true_scores, fake_scores = scores[: len(x)], scores[len(x):]
-        true_loss = F.binary_cross_entropy(true_scores, torch.zeros_like(true_scores))
-        fake_loss = F.binary_cross_entropy(fake_scores, torch.ones_like(fake_scores))
+        true_loss = finite_bce(true_scores, torch.zeros_like(true_scores))
+        fake_loss = finite_bce(fake_scores, torch.ones_like(fake_scores))
         loss = true_loss + fake_loss
         return loss, {
             "loss": loss.detach(), "true_loss": true_loss.detach(), "fake_loss": fake_loss.detach(),
@@ -152,13 +162,14 @@ class CRAS(Method):
 
     # -- scoring (spec 2.8) -------------------------------------------------------------------------
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Each image's most cosine-similar bank as a whole; with class_vote 'batch', the batch's majority (torch.mode).
+        """Each image's most cosine-similar bank as a whole; with class_vote 'batch', the batch's majority
+        (``batch_vote``: ties go to the smallest class index on every device).
 
         x [B, H*W, D] -> [B] int64
         """
         own = cosine_argmax(x.flatten(1), self.center.flatten(1))  # [B]
         if self.config.class_vote == "batch":
-            return torch.mode(own).values.expand_as(own)
+            return batch_vote(own, self.num_classes).expand_as(own)
         return own
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import csv
 import glob
 import io
@@ -219,15 +220,20 @@ def feature_bytes(n_images: int, positions: int, dim: int, precision: str) -> in
     return n_images * positions * dim * torch.tensor([], dtype=cache_dtype(precision)).element_size()
 
 
+def free_device_memory(device: torch.device) -> int:
+    """Bytes a new tensor can get on a GPU: what the driver has free plus what PyTorch's allocator holds reserved
+    but unallocated (its cache of earlier jobs of this process, released to a large allocation on demand)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def choose_cache(requested: str, device: torch.device, need: int) -> str:
     """Resolve --cache auto by the memory actually free: the device if the features fit in 60% of its free
-    memory, else host memory if they fit in half of what the host has available, else no cache."""
+    memory (``free_device_memory``), else host memory if they fit in half of what the host has available, else no cache."""
     if requested != "auto":
         return requested
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if need < DEVICE_CACHE_SHARE * free:
-            return "device"
+    if device.type == "cuda" and need < DEVICE_CACHE_SHARE * free_device_memory(device):
+        return "device"
     if need < HOST_CACHE_SHARE * utils.available_host_memory():
         return "host" if device.type == "cuda" else "device"  # on the CPU, device memory is host memory
     return "off"
@@ -468,6 +474,9 @@ class FitHooks:
     save_state: Callable[[dict], None] | None = None  # persist a training state (see Trainer.state)
     stop_signal: Callable[[], int] = stop_requested  # non-zero: the signal asking the run to stop
     save_share: float = 0.02  # periodic saves take at most this share of the training time
+    timer: Callable[[str], contextlib.AbstractContextManager] = lambda phase: contextlib.nullcontext()
+    # ``with timer(phase)`` wraps each phase of the loop: "center" (initialisation), "train" (one epoch's steps
+    # and their statistics), "eval" (one evaluation); benchmarks/bench_train.py times the Trainer through it
 
 
 class Trainer:
@@ -498,14 +507,15 @@ class Trainer:
         return {
             "epoch": self.epoch, "steps": [{k: v.detach().cpu() for k, v in s.items()} for s in self.steps],
             "center": self.method.center.cpu(), "modules": trained_state(self.method, self.encoder),
-            "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.method.center.device),
             "method_rng": self.method.stream_state(), "best_key": self.best_key,
             "best": None if self.best is None else self.best.__dict__, "last_metrics": self.last_metrics,
             "history": [log.__dict__ for log in self.history],
         }
 
     def start(self) -> None:
-        initialize(self.method, self.train, self.seed)
+        with self.hooks.timer("center"):
+            initialize(self.method, self.train, self.seed)
         self.optimizers = make_optimizers(self.method, self.encoder)
 
     def resume(self, state: dict) -> None:
@@ -515,7 +525,7 @@ class Trainer:
         self.optimizers = make_optimizers(self.method, self.encoder)
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         self.method.set_stream_state(state["method_rng"])
         self.epoch = state["epoch"]
         self.steps = [{k: v.to(device) for k, v in s.items()} for s in state["steps"]]
@@ -548,14 +558,16 @@ class Trainer:
         for epoch in bar:
             self.epoch = epoch
             order = epoch_order(len(self.train.source), self.seed, epoch + 1)
-            log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, order, cfg.limit, self.steps,
-                                              self._check_stop), step_table(self.steps))
+            with self.hooks.timer("train"):
+                log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, order, cfg.limit,
+                                                  self.steps, self._check_stop), step_table(self.steps))
             bad = [k for k, v in log.stats.items() if not math.isfinite(v)]
             if bad:
                 raise Diverged(f"epoch {epoch}: {', '.join(f'{k} = {log.stats[k]}' for k in bad)}")
             if (epoch + 1) % cfg.eval_epochs == 0 or epoch == cfg.meta_epochs - 1:
                 try:
-                    self.last_metrics, _ = evaluate(self.method, self.tests, full=False)
+                    with self.hooks.timer("eval"):
+                        self.last_metrics, _ = evaluate(self.method, self.tests, full=False)
                 except Diverged as exc:
                     raise Diverged(f"epoch {epoch}: {exc}") from exc
                 log.image_auroc = mean_over_classes(self.last_metrics, "image_auroc")

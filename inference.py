@@ -28,14 +28,17 @@ mask 0, and the overlay leaves them uncoloured.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import csv
 import io
+import json
 import logging
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -66,6 +69,8 @@ ONNX_OUTPUTS = ("image_scores", "anomaly_maps")
 ONNX_LOGGERS = ("onnxscript", "onnx_ir")  # quieted to WARNING while exporting
 ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted by the export check
 PER_IMAGE_VOTE = "image"  # CRAS's class_vote for predict and export
+CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+FLOAT_TYPES = ("float", "float16", "bfloat16", "double")  # onnxruntime profile names of floating tensor types
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +460,7 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     if opts.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
     collect_inputs(opts.inputs)  # one-line errors for missing inputs before anything is loaded
-    device = utils.pick_device(opts.gpu)
+    device = utils.select_device(opts.gpu)
     utils.configure_precision(opts.precision, device)
     model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
     thresholds = resolve_thresholds(ckpt, opts.threshold, opts.pixel_threshold, opts.checkpoint)
@@ -549,6 +554,39 @@ def onnx_difference(data: bytes, model: torch.nn.Module, images: torch.Tensor) -
     with torch.no_grad():
         want = model(images)
     return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
+
+
+def ort_providers(device: torch.device) -> list:
+    """onnxruntime providers for ``device``: on a GPU the CUDA provider in true fp32 (``use_tf32=0``: it runs
+    float32 MatMul/Conv as TF32 by default), the CPU provider taking what it cannot run; else the CPU."""
+    if device.type == "cuda":
+        return [(CUDA_PROVIDER, {"device_id": str(device.index or 0), "use_tf32": "0"}), CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def node_placement(data: bytes, providers: list, images: np.ndarray) -> dict[str, collections.Counter]:
+    """Where onnxruntime runs the floating-point nodes of a model, from one profiled run on ``images``
+    [B, 3, S, S] float32: {provider: Counter(operator type)}. A session whose first provider is CUDA may still
+    run single nodes on the CPU provider, which ``session.get_providers()`` does not show. Nodes with integer
+    outputs only (shape arithmetic, which the CUDA provider deliberately leaves to the CPU) are not counted."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "placement")
+        session = onnxruntime.InferenceSession(data, options, providers=providers)
+        session.run(None, {ONNX_INPUTS[0]: images})
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    placed: dict[str, collections.Counter] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") or "provider" not in args:
+            continue
+        if any(kind in FLOAT_TYPES for tensor in args.get("output_type_shape", []) for kind in tensor):  # [{type: shape}]
+            placed.setdefault(args["provider"], collections.Counter())[args["op_name"]] += 1
+    return placed
 
 
 def export_onnx(checkpoint: str, output: str, methods: dict[str, type[Method]], opset: int | None = None) -> int:

@@ -451,6 +451,25 @@ def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
 
 ERRORS_LOG = os.path.join("logs", "errors.log")
 OOM_HINT = "lower --batch_size, use --cache host or --cache off, or --precision bf16"
+WORKER_START_METHOD = "spawn"  # CUDA cannot be used in forked children
+BROKEN_DEVICE_EXIT = 3  # a worker's exit code when its CUDA context is broken: the parent starts another in its place
+
+
+class BrokenDevice(Exception):
+    """The CUDA context of the process's device is unusable (a device-side assert, an illegal address: such
+    errors are sticky), so no further job can run in this process."""
+
+
+def device_broken(device: torch.device) -> bool:
+    """Whether ``device``'s CUDA context fails every call now (checked after a job failed; never on the CPU)."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except RuntimeError:  # torch.AcceleratorError is a RuntimeError
+        return True
+    return False
 
 
 def log_traceback(opts: RunOptions, job: engine.Job) -> str:
@@ -465,8 +484,11 @@ def log_traceback(opts: RunOptions, job: engine.Job) -> str:
 
 
 def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
-    """Run ``jobs`` (index, job) one after the other on one device; ``report(index, rows_or_None, error_or_None)`` after each."""
-    device = utils.pick_device(gpu)
+    """Run ``jobs`` (index, job) one after the other on one device; ``report(index, rows_or_None, error_or_None)`` after each.
+
+    Raises BrokenDevice after reporting a job whose failure left the device's CUDA context unusable.
+    """
+    device = utils.select_device(gpu)
     if device.type == "cpu" and gpu is not None and gpu >= 0:
         LOG.info("CUDA is not available: running on the CPU")
     utils.configure_precision(opts.precision, device)
@@ -496,6 +518,8 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
         except (RuntimeError, OSError) as exc:  # keep going with the other jobs
             first = str(exc).splitlines()[0] if str(exc) else ""
             report(index, None, f"{type(exc).__name__}: {first} (traceback in {log_traceback(opts, job)})")
+            if device_broken(device):
+                raise BrokenDevice(f"the CUDA context of {device} is broken ({first})") from exc
             continue
         report(index, rows, None)
 
@@ -521,11 +545,15 @@ def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, 
     except runstate.Interrupted as exc:
         results.put(("interrupted", -1, getattr(exc, "job", None), exc.saved))
         sys.exit(128 + exc.signum)
+    except BrokenDevice as exc:
+        LOG.error("%s: this worker exits and a new one takes the next jobs", exc)
+        sys.exit(BROKEN_DEVICE_EXIT)
 
 
 def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
-    """One worker process per --gpu id; jobs are handed out one at a time to whichever worker is free."""
-    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    """One worker process per --gpu id; jobs are handed out one at a time to whichever worker is free. A worker
+    whose CUDA context broke exits (BROKEN_DEVICE_EXIT) and a fresh process takes its place on the same GPU."""
+    ctx = multiprocessing.get_context(WORKER_START_METHOD)
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in range(len(jobs)):
         tasks.put(index)
@@ -533,8 +561,9 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
         tasks.put(None)  # one sentinel per worker: a worker stops only when every job is handed out
     threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
     # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
-    workers = [ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid()))
-               for gpu in opts.gpu]
+    make = lambda gpu: ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid()))
+    workers = [make(gpu) for gpu in opts.gpu]
+    replaceable = lambda w: w.exitcode == BROKEN_DEVICE_EXIT and not runstate.stop_requested()
     started: set[int] = set()
     finished: set[int] = set()
     interrupted: list[tuple] = []
@@ -543,6 +572,11 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
         for w in workers:
             w.start()
         while len(finished) < len(jobs):
+            for i, w in enumerate(workers):
+                if replaceable(w):
+                    LOG.warning("the worker on GPU %d exited with a broken CUDA context; starting a new one", opts.gpu[i])
+                    workers[i] = make(opts.gpu[i])
+                    workers[i].start()
             signum = runstate.stop_requested()
             if signum and not forwarded:  # pass the stop on: each worker saves its job's state and exits
                 for w in workers:
@@ -552,7 +586,7 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
             try:
                 kind, index, rows, error = results.get(timeout=0.5)
             except queue.Empty:
-                if not any(w.is_alive() for w in workers):
+                if not any(w.is_alive() or replaceable(w) for w in workers):
                     break
                 continue
             if kind == "start":
@@ -646,9 +680,11 @@ def run(opts: RunOptions) -> list[str]:
     order = [label(name, job.seed) for job in jobs for name in job.row_names]
     rows: dict[str, dict] = {}
     failures: list[str] = []
+    reported: set[int] = set()
 
     def report(index: int, job_rows: dict | None, error: str | None) -> None:
         job = jobs[index]
+        reported.add(index)
         if job_rows is None:
             LOG.error("%s failed: %s", job.name, error)
             failures.append(job.name)
@@ -661,7 +697,12 @@ def run(opts: RunOptions) -> list[str]:
     if len(opts.gpu) > 1 and len(jobs) > 1:
         run_parallel(opts, jobs, report)
     else:
-        run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
+        try:
+            run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
+        except BrokenDevice as exc:  # nothing more can run in this process
+            for index in range(len(jobs)):
+                if index not in reported:
+                    report(index, None, f"not run: {exc}; run the same command again to train it")
     if rows:
         print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
         import report  # matplotlib and scikit-learn: loaded only when a report is written

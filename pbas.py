@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax
+from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax, finite_bce
 
 CENTER_EMA_BETA = 0.1  # beta of the center EMA (paper section III-C, released value)
 PROJECTOR_WEIGHT_DECAY = 1e-5  # the paper's gamma (Adam on P_theta)
@@ -146,8 +145,8 @@ class PBAS(Method):
         svdd_loss, z, _ = self.synthesize(u)
         scores = self.discriminate(torch.cat([u, z]))  # [2N, 1]: normal rows, then synthetic
         true_scores, fake_scores = scores[: len(u)], scores[len(u):]
-        true_loss = F.binary_cross_entropy(true_scores, torch.zeros_like(true_scores))
-        fake_loss = F.binary_cross_entropy(fake_scores, torch.ones_like(fake_scores))
+        true_loss = finite_bce(true_scores, torch.zeros_like(true_scores))
+        fake_loss = finite_bce(fake_scores, torch.ones_like(fake_scores))
         loss = svdd_loss + true_loss + fake_loss
         margin = self.config.dsc_margin
         return loss, {

@@ -72,20 +72,32 @@ def die_with_parent() -> None:
         pass
 
 
-def rng_state() -> dict:
-    """Every global random stream: Python, NumPy, torch CPU and each CUDA device (tensors and plain data,
-    so that it loads with weights_only)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every global random stream: Python, NumPy, torch CPU and the job's CUDA device (tensors and plain data,
+    so that it loads with weights_only). Only ``device``'s CUDA generator (None on the CPU): a requeued job may
+    see fewer GPUs, and its own is the only one it draws from."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(), "cuda": _cuda_rng_state(device)}
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state`` saved."""
+def _cuda_rng_state(device: torch.device | None) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved; its CUDA generator goes to ``device`` (whatever its index now). A state
+    of an earlier version holds a list, one per GPU then visible: the entry of ``device``'s index, if any."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = 0 if device.index is None else device.index
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

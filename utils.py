@@ -156,6 +156,9 @@ def load_checkpoint(path: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+BF16_MIN_CAPABILITY = (8, 0)  # --precision bf16: Ampere or newer (native bf16 tensor cores)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device), as the release does before each class."""
     random.seed(seed)
@@ -171,6 +174,16 @@ def pick_device(gpu: int | None) -> torch.device:
             raise UserError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device(f"cuda:{gpu}")
     return torch.device("cpu")
+
+
+def select_device(gpu: int | None) -> torch.device:
+    """``pick_device``, made the current CUDA device when it is a GPU: otherwise code that uses the current
+    device (a stream context left, pinned memory, ``torch.cuda`` queries without a device) opens a context on
+    GPU 0 and works there."""
+    device = pick_device(gpu)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def available_host_memory() -> int:
@@ -194,9 +207,12 @@ def configure_precision(precision: str, device: torch.device) -> None:
     tf32 = precision == "tf32"
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
-                        "use --precision fp32 or tf32")
+    if precision == "bf16" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < BF16_MIN_CAPABILITY:  # is_bf16_supported() also says yes where bf16 is only emulated
+            raise UserError(f"--precision bf16 needs a GPU of compute capability {'.'.join(map(str, BF16_MIN_CAPABILITY))} "
+                            f"or newer; {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]} (bf16 "
+                            "would be emulated, slower than fp32): use --precision fp32")
     if precision == "bf16" and device.type == "cpu":
         LOG.warning("--precision bf16 on the CPU: without AVX-512 BF16 or AMX it is emulated and slower than fp32")
 

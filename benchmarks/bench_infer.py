@@ -6,9 +6,10 @@ the voted bank) on random normalised images already on the device, so decoding a
 are not included. Batch 1 gives the single-image latency, the larger batch the throughput. Warm-up calls
 are not timed; on CUDA every call is synchronised. The ONNX model is ``inference.onnx_bytes`` of the same
 method (``ExportGraph``: fp32, CPU export); it runs with the CUDA provider when the device is a GPU and
-onnxruntime offers it (inputs and outputs bound on the GPU), else with the CPU provider. Each onnxruntime row
-is labelled by the provider the session actually uses (its first active provider); a GPU run whose session
-fell back to the CPU says so.
+onnxruntime offers it (true fp32: ``use_tf32=0``; inputs and outputs bound on the GPU), else with the CPU
+provider. Each onnxruntime row is labelled by the provider the session actually uses (its first active
+provider); a GPU run whose session fell back to the CPU says so, and floating-point nodes that a CUDA session
+placed on the CPU provider (found by a profiled run) are named in the table's note.
 
 The method is built as ``inference.load_model`` builds a checkpoint's, with randomly initialised projector
 and discriminator (their weights do not change the speed). CRAS scores with the per-image class vote
@@ -48,7 +49,7 @@ METHODS = main.METHODS
 DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.2", "blocks.4")}  # other backbones: the release's layer2, layer3
 RELEASE_LAYERS = ("layer2", "layer3")
 CRAS_CLASSES = 15  # MVTec AD's classes: the bank count of CRAS's multi-class model
-CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+CUDA_PROVIDER, CPU_PROVIDER = inference.CUDA_PROVIDER, inference.CPU_PROVIDER
 
 
 @dataclass
@@ -117,6 +118,8 @@ def pick_device(name: str) -> torch.device:
         raise utils.UserError(f"--device {name}: not a device name (cpu, cuda, cuda:N, auto)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise utils.UserError("--device cuda: CUDA is not available")
+    if device.type == "cuda":
+        device = utils.select_device(device.index or 0)  # the current device: nothing opens a context on GPU 0
     return device
 
 
@@ -193,8 +196,19 @@ def ort_call(session, images: torch.Tensor) -> Callable[[], object]:
     return lambda: session.run_with_iobinding(binding)
 
 
-def onnx_session(data: bytes, device: torch.device):
-    """An onnxruntime session of the model: the CUDA provider on a GPU when onnxruntime offers it, else the CPU.
+def cpu_nodes_note(data: bytes, providers: list, imagesize: int) -> str:
+    """'' when every floating-point node runs on the CUDA provider; else a note naming those on the CPU provider."""
+    images = np.random.default_rng(0).standard_normal((1, 3, imagesize, imagesize), dtype=np.float32)
+    on_cpu = inference.node_placement(data, providers, images).get(CPU_PROVIDER)
+    if not on_cpu:
+        return ""
+    return (f"; {sum(on_cpu.values())} floating-point node(s) ran on the CPU provider "
+            f"({', '.join(f'{op} x{n}' for op, n in sorted(on_cpu.items()))}): the CUDA rows include their copies")
+
+
+def onnx_session(data: bytes, device: torch.device, imagesize: int):
+    """An onnxruntime session of the model: the CUDA provider (true fp32, ``use_tf32=0``) on a GPU when
+    onnxruntime offers it, else the CPU. Nodes the CUDA session places on the CPU provider are named in the note.
 
     -> (session, row label naming the provider the session actually uses, note for the table header)
     """
@@ -202,14 +216,11 @@ def onnx_session(data: bytes, device: torch.device):
 
     available = onnxruntime.get_available_providers()
     want_cuda = device.type == "cuda"
-    if want_cuda and CUDA_PROVIDER in available:
-        providers = [(CUDA_PROVIDER, {"device_id": device.index or 0}), CPU_PROVIDER]
-    else:
-        providers = [CPU_PROVIDER]
+    providers = inference.ort_providers(device if want_cuda and CUDA_PROVIDER in available else torch.device("cpu"))
     session = onnxruntime.InferenceSession(data, providers=providers)
     active = session.get_providers()
     label = f"onnxruntime {active[0]}"
-    note = ""
+    note = cpu_nodes_note(data, providers, imagesize) if active[0] == CUDA_PROVIDER else ""
     if want_cuda and active[0] != CUDA_PROVIDER:
         if CUDA_PROVIDER in available:
             reason = f"{CUDA_PROVIDER} requested but not active (session providers: {', '.join(active)})"
@@ -222,7 +233,7 @@ def onnx_session(data: bytes, device: torch.device):
 
 def onnx_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[Row], str]:
     data = inference.onnx_bytes(build_model(args, "fp32", torch.device("cpu")))
-    session, label, note = onnx_session(data, device)
+    session, label, note = onnx_session(data, device, args.imagesize)
     run_on = device if session.get_providers()[0] == CUDA_PROVIDER else torch.device("cpu")
     rows = []
     for batch in args.batch_sizes:

@@ -5,18 +5,24 @@ images, 1024x1024 PNGs (``carpet``; CRAS --setting multi adds ``carpet2``, ``car
 --n_classes, each from its own seed). It builds one job as ``engine.run_job`` does (``engine.Encoder``
 around ``common.Embedder``, ``engine.job_sources``: one ``TrainSet`` over the concatenated training sets
 of the job's classes and one ``ClassTest`` per class) and, for each path (uncached: backbone every pass;
-cached: every set embedded once), measures
+cached: every set embedded once), runs the engine's own ``engine.Trainer`` for --epochs epochs, timing its
+phases through its ``FitHooks.timer`` (CUDA synchronised at both ends of each phase), and measures
 
     embedding of the sets         train + test features stored once (cached; 0 uncached: done in every pass)
-    center init                   ``engine.initialize``: the method's centers from one pass with the untrained P
-    train epoch                   ``engine.train_epoch`` (mean of the measured epochs after the first, warm-up one)
-    eval / epoch                  ``engine.evaluate(full=False)``: I-AUROC + P-AUROC of every class, as after each epoch
+    center init                   the Trainer's "center" phase: the method's centers from one pass with the untrained P
+    train epoch                   the Trainer's "train" phase (mean of the measured epochs after the first, warm-up one)
+    train step                    train epoch / steps per epoch
+    eval / epoch                  the Trainer's "eval" phase: I-AUROC + P-AUROC of every class, as after each epoch
+    loop overhead / epoch         the rest of Trainer.run per epoch (best-state snapshots, logs, stop checks)
     final eval                    ``engine.evaluate(full=True)``: AP, PRO, AUPRO, F1 threshold of every class
     normal stats                  ``engine.normal_score_statistics``: the training-image scores stored for thresholds
-    peak GPU memory               from before the embedding to the end
+    peak GPU memory               from before the embedding to the end: the allocator's peak reservation
+                                  (``max_memory_reserved``: its cache and fragmentation included) plus the memory
+                                  outside it (CUDA context, library workspaces) measured at the end as device memory
+                                  in use minus reserved, so it assumes no other process on the GPU
 
-and projects the release protocol from the per-image rates: embedding + center init + E x (epoch + eval)
-+ 2 final evaluations (run_job evaluates the best and the last state; one when they coincide) + normal stats
+and projects the release protocol from the per-image rates: embedding + center init + E x (epoch + eval
++ overhead) + 2 final evaluations (run_job evaluates the best and the last state; one when they coincide) + normal stats
 (not included: heatmap PNGs, scores.csv, TensorBoard events and the periodic training-state saves, which
 engine.Trainer keeps under 2% of the training time). E is 640 for PBAS and CRAS --setting single (one job
 per class), 100 for CRAS --setting multi (one job of every class); "protocol, this job" is the generated
@@ -35,6 +41,8 @@ k 0.3, noise 0.015, dsc_layers 3), each overridable below.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -63,6 +71,7 @@ DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.2", "blocks.4")}  # other backb
 RELEASE_LAYERS = ("layer2", "layer3")
 COMPARED = (*utils.METRIC_COLUMNS, "pixel_aupro")  # metrics that must agree between the cached and uncached path
 SAME_TOLERANCE = 1e-4
+PEAK_COLUMN = "peak GPU mem (reserved + context)"  # gpu_report.py reads this column
 # method options: (argparse dest, type, choices, help); None means the method's Config default; options of the
 # other method are rejected with main.NOT_FOR's reason
 METHOD_OPTIONS = (
@@ -117,7 +126,9 @@ class PathTiming:
     embed_s: float  # embedding train + test sets (cached) / 0 (uncached: done in every pass)
     center_s: float
     epoch_s: float
+    step_s: float
     eval_s: float
+    overhead_s: float  # per epoch: Trainer.run's time outside its train and eval phases
     final_eval_s: float
     normal_s: float
     peak_gib: float
@@ -134,7 +145,8 @@ class PathTiming:
         embed_train = self.embed_s * self.n_train / (self.n_train + self.n_test)
         embed_test = self.embed_s - embed_train
         return (embed_train * rt + embed_test * re + self.center_s * rt
-                + epochs * (self.epoch_s * rt + self.eval_s * re) + 2 * self.final_eval_s * re + self.normal_s * rt)
+                + epochs * (self.epoch_s * rt + self.eval_s * re + self.overhead_s)
+                + 2 * self.final_eval_s * re + self.normal_s * rt)
 
     def mean(self, key: str) -> float:
         return engine.mean_over_classes(self.metrics, key)
@@ -170,13 +182,39 @@ def silent(iterable, **_):
     return iterable
 
 
+class PhaseTimer:
+    """``engine.FitHooks.timer``: the wall time of every phase of the Trainer, CUDA synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        sync(self.device)
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.seconds.setdefault(phase, []).append(time.perf_counter() - start)
+
+
+def peak_gpu_bytes(device: torch.device) -> int:
+    """The process's peak GPU memory since the last ``reset_peak_memory_stats``: the allocator's peak reservation
+    plus what lies outside the allocator (CUDA context, cuBLAS/cuDNN workspaces and handles), taken now as device
+    memory in use minus reserved (on an otherwise idle GPU)."""
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max(0, total - free - torch.cuda.memory_reserved(device))
+    return torch.cuda.max_memory_reserved(device) + outside
+
+
 def measure(bench: Bench, cache: str, precision: str) -> PathTiming:
-    """One path, built as engine.run_job builds a job (same seeding order), then the steps of engine.Trainer
-    (start: initialize + make_optimizers; each epoch: train_epoch, evaluate) timed one by one."""
+    """One path, built as engine.run_job builds a job (same seeding order), trained by engine.Trainer for
+    ``bench.epochs`` epochs (an evaluation after each) with a PhaseTimer as its timer hook."""
     gc.collect()
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
-    device, seed, job, cfg = bench.device, bench.job.seed, bench.job, bench.config
+    device, seed, job = bench.device, bench.job.seed, bench.job
+    cfg = dataclasses.replace(bench.config, meta_epochs=bench.epochs, eval_epochs=1)
     utils.configure_precision(precision, device)
     utils.set_seed(seed)  # before the modules are built: their initial weights come from it
     method = bench.method(cfg, len(job.classnames), precision).to(device)
@@ -187,23 +225,22 @@ def measure(bench: Bench, cache: str, precision: str) -> PathTiming:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     embed_s, _ = timed(device, lambda: [s.prepare() for s in (train.source, *(t.source for t in tests))])
-    center_s, _ = timed(device, lambda: engine.initialize(method, train, seed))
-    optimizers = engine.make_optimizers(method, encoder)
-    epoch_times, eval_times = [], []
-    for epoch in range(bench.epochs):
-        order = engine.epoch_order(len(train.source), seed, epoch + 1)
-        t, _ = timed(device, lambda: engine.train_epoch(method, optimizers, train, order, cfg.limit))
-        epoch_times.append(t)
-        t, _ = timed(device, lambda: engine.evaluate(method, tests, full=False))
-        eval_times.append(t)
-    final_s, (final, _) = timed(device, lambda: engine.evaluate(method, tests, full=True))
+    timer = PhaseTimer(device)
+    trainer = engine.Trainer(method, encoder, train, tests, seed, engine.FitHooks(timer=timer), silent)
+    trainer.start()
+    run_s, fitted = timed(device, trainer.run)
+    final_s, (final, _) = timed(device, lambda: engine.evaluate(method, tests, full=True))  # the last state
     normal_s, _ = timed(device, lambda: engine.normal_score_statistics(method, train, job.row_names))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    peak = peak_gpu_bytes(device) / 2**30 if device.type == "cuda" else math.nan
+    epochs, evals = timer.seconds["train"], timer.seconds["eval"]
+    overhead = (run_s - sum(epochs) - sum(evals)) / len(epochs)
     # the first epoch/evaluation include warm-up (cuDNN autotuning, allocator growth): drop it when we can
     steady = lambda ts: float(np.mean(ts[1:] if len(ts) > 1 else ts))
+    steps = len(fitted.history[-1].steps)
     label = "uncached" if cache == "off" else f"cached ({cache})"
-    return PathTiming(f"{label} {precision}", embed_s, center_s, steady(epoch_times), steady(eval_times), final_s,
-                      normal_s, peak, final, len(train.source), sum(len(t.source) for t in tests))
+    return PathTiming(f"{label} {precision}", embed_s, timer.seconds["center"][0], steady(epochs), steady(epochs) / steps,
+                      steady(evals), overhead, final_s, normal_s, peak, final, len(train.source),
+                      sum(len(t.source) for t in tests))
 
 
 def fmt_s(seconds: float) -> str:
@@ -215,11 +252,13 @@ def fmt_s(seconds: float) -> str:
 
 
 def table(rows: list[PathTiming], epochs: int) -> str:
-    head = ("| path | to first epoch (embed + center) | center init | train epoch | eval / epoch | final eval | normal stats "
-            f"| peak GPU mem | protocol ({epochs} ep.), this job | protocol ({epochs} ep.), MVTec AD | I-AUROC | P-AUROC |")
+    head = ("| path | to first epoch (embed + center) | center init | train epoch | train step | eval / epoch "
+            f"| loop overhead / epoch | final eval | normal stats | {PEAK_COLUMN} | protocol ({epochs} ep.), this job "
+            f"| protocol ({epochs} ep.), MVTec AD | I-AUROC | P-AUROC |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
-        lines.append(f"| {r.name} | {fmt_s(r.first_epoch_s())} | {fmt_s(r.center_s)} | {fmt_s(r.epoch_s)} | {fmt_s(r.eval_s)} "
+        lines.append(f"| {r.name} | {fmt_s(r.first_epoch_s())} | {fmt_s(r.center_s)} | {fmt_s(r.epoch_s)} "
+                     f"| {1000 * r.step_s:.1f} ms | {fmt_s(r.eval_s)} | {fmt_s(r.overhead_s)} "
                      f"| {fmt_s(r.final_eval_s)} | {fmt_s(r.normal_s)} | {'n/a' if math.isnan(r.peak_gib) else f'{r.peak_gib:.1f} GiB'} "
                      f"| {fmt_s(r.protocol_s(r.n_train, r.n_test, epochs))} | {fmt_s(r.protocol_s(MVTEC_TRAIN, MVTEC_TEST, epochs))} "
                      f"| {100 * r.mean('image_auroc'):.2f} | {100 * r.mean('pixel_auroc'):.2f} |")
@@ -337,7 +376,7 @@ def main_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     method = main.METHODS[args.method]
     config = method_config(args, method)
-    device = utils.pick_device(args.gpu)
+    device = utils.select_device(args.gpu)
     counts = f"{args.n_train}_{args.n_test_good}_{args.n_test_defect}_{args.image_size}"
     root = args.data or os.path.join(args.workdir, f"carpet_{counts}")
     if not args.data:

@@ -6,11 +6,14 @@
 Runs, each in its own process (a crash or a timeout is reported, the rest goes on):
   1. ``pytest -m cuda`` (tests/test_cuda.py and the bf16 quality test);
   2. ``bench_train.py``: PBAS on a carpet-sized class (fp32, tf32, bf16; uncached and cached), CRAS multi-class
-     (fp32, bf16) and a VisA-sized class (cached fp32: peak GPU memory of the largest VisA class);
+     (fp32, bf16) with the noise drawn on the CPU (the release) and again drawn on the GPU (--noise_device
+     device), and a VisA-sized class (cached fp32: peak GPU memory of the largest VisA class);
   3. ``bench_infer.py``: PyTorch fp32/bf16 and onnxruntime (the provider actually used is named) at batch 1 and 32;
-and writes the device (name, memory, driver), the versions, every table, and each target with pass/fail:
+and writes the device (name, memory, driver), the versions, every table, the CRAS training step time with
+CPU-drawn and device-drawn noise, and each target with pass/fail:
   PBAS carpet-sized class, release protocol: <= 60 s fast (bf16) and <= 4 min fp32; all of MVTec AD <= 15 min (bf16);
-  inference >= 1000 images/s at batch 32 and <= 10 ms for one image; largest VisA class <= 20 GB peak GPU memory.
+  inference >= 1000 images/s at batch 32 and <= 10 ms for one image; largest VisA class <= 20 GB peak GPU memory
+  (bench_train's peak: the allocator's peak reservation plus the CUDA context, not only allocated tensors).
 Backbones use random weights (timing only), so no weights file is needed. Without a CUDA GPU it says so and
 exits with 1. The README's GPU tables are pasted from the report it writes.
 """
@@ -31,7 +34,7 @@ TARGETS = {  # name: (limit, unit, "max" | "min")
     "PBAS all of MVTec AD, 640 epochs, bf16": (900.0, "s", "max"),
     "inference, batch 32, best engine": (1000.0, "images/s", "min"),
     "inference, one image, best engine": (10.0, "ms", "max"),
-    "largest VisA class, peak GPU memory": (20.0, "GiB", "max"),
+    "largest VisA class, peak GPU memory (reserved + context)": (20.0, "GiB", "max"),
 }
 
 
@@ -71,15 +74,32 @@ def seconds(text: str) -> float:
     return float(value) * {"s": 1, "min": 60, "h": 3600}[unit]
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
-            if line.startswith("|") and not line.startswith("|---") and not line.startswith("| path")
-            and not line.startswith("| engine")]
+def table_rows(markdown: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``markdown``, each as {column header: cell}."""
+    lines = [line.strip() for line in markdown.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+    return [dict(zip(cells[0], row)) for row in cells[1:]] if cells else []
 
 
-def train_measures(markdown: str) -> dict[str, list[str]]:
+def train_measures(markdown: str) -> dict[str, dict[str, str]]:
     """bench_train rows by path name ('cached (device) bf16', ...)."""
-    return {row[0]: row for row in table_rows(markdown)}
+    return {row["path"]: row for row in table_rows(markdown)}
+
+
+def column(row: dict[str, str], start: str) -> str:
+    """The cell of the first column whose header starts with ``start`` (headers carry the epoch count)."""
+    return next(v for k, v in row.items() if k.startswith(start))
+
+
+def noise_table(steps: dict[str, "Step"]) -> list[str]:
+    """CRAS's training step with the noise drawn on the CPU and copied (the release) vs drawn on the GPU."""
+    runs = {where: train_measures(steps[key].output) if steps[key].code == 0 else {}
+            for where, key in (("cpu", "cras"), ("device", "cras_noise_device"))}
+    lines = ["| CRAS path | train step, noise on the CPU | train step, noise on the GPU |", "|---|---|---|"]
+    for path in sorted(set(runs["cpu"]) | set(runs["device"])):
+        cells = [runs[w][path]["train step"] if path in runs[w] else "not measured" for w in ("cpu", "device")]
+        lines.append(f"| {path} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def versions() -> list[str]:
@@ -108,17 +128,17 @@ def check_targets(steps: dict[str, Step]) -> list[tuple[str, str, str]]:
     for precision in ("bf16", "fp32"):
         row = next((r for name, r in pbas.items() if name.startswith("cached") and name.endswith(precision)), None)
         if row:
-            measured[f"PBAS carpet-sized class, 640 epochs, {precision}"] = seconds(row[8])
+            measured[f"PBAS carpet-sized class, 640 epochs, {precision}"] = seconds(column(row, "protocol (640 ep.), this job"))
             if precision == "bf16":
-                measured["PBAS all of MVTec AD, 640 epochs, bf16"] = seconds(row[9])
+                measured["PBAS all of MVTec AD, 640 epochs, bf16"] = seconds(column(row, "protocol (640 ep.), MVTec AD"))
     visa = train_measures(steps["visa"].output) if steps["visa"].code == 0 else {}
     row = next((r for name, r in visa.items() if name.startswith("cached")), None)
-    if row and row[7].endswith("GiB"):
-        measured["largest VisA class, peak GPU memory"] = float(row[7].split()[0])
+    if row and column(row, "peak GPU mem").endswith("GiB"):
+        measured["largest VisA class, peak GPU memory (reserved + context)"] = float(column(row, "peak GPU mem").split()[0])
     if steps["infer"].code == 0:
         rows = table_rows(steps["infer"].output)
-        batch32 = [float(r[5]) for r in rows if r[2] == "32"]
-        single = [float(r[3]) for r in rows if r[2] == "1"]
+        batch32 = [float(r["images / s"]) for r in rows if r["batch"] == "32"]
+        single = [float(r["ms / batch"]) for r in rows if r["batch"] == "1"]
         if batch32:
             measured["inference, batch 32, best engine"] = max(batch32)
         if single:
@@ -160,14 +180,18 @@ def main() -> int:
     visa = ["--n_train", "120", "--n_test_good", "20", "--n_test_defect", "20"] if args.quick else \
         ["--n_train", "905", "--n_test_good", "100", "--n_test_defect", "101"]
     with tempfile.TemporaryDirectory() as tmp:
-        out = {k: os.path.join(tmp, f"{k}.md") for k in ("pbas", "cras", "visa", "infer")}
+        out = {k: os.path.join(tmp, f"{k}.md") for k in ("pbas", "cras", "cras_noise_device", "visa", "infer")}
+        cras = [python, "benchmarks/bench_train.py", "--random_weights", *gpu, *size, "--method", "cras", "--setting",
+                "multi", "--n_classes", "3", "--precision", "fp32", "bf16"]
         steps = {
             "tests": Step("CUDA test tier (pytest -m cuda)", [python, "-m", "pytest", "-q", "-m", "cuda", "-rs"], 3600),
             "pbas": Step("bench_train PBAS, carpet-sized class", [python, "benchmarks/bench_train.py", "--random_weights",
                          *gpu, *size, "--precision", "fp32", "tf32", "bf16", "--output", out["pbas"]], 3600),
-            "cras": Step("bench_train CRAS multi-class (3 classes)", [python, "benchmarks/bench_train.py", "--random_weights",
-                         *gpu, *size, "--method", "cras", "--setting", "multi", "--n_classes", "3", "--precision", "fp32",
-                         "bf16", "--output", out["cras"]], 3600),
+            "cras": Step("bench_train CRAS multi-class (3 classes), noise drawn on the CPU",
+                         [*cras, "--noise_device", "cpu", "--output", out["cras"]], 3600),
+            "cras_noise_device": Step("bench_train CRAS multi-class (3 classes), noise drawn on the GPU",
+                                      [*cras, "--noise_device", "device", "--skip_uncached",
+                                       "--output", out["cras_noise_device"]], 3600),
             "visa": Step("bench_train PBAS, largest VisA class (memory)", [python, "benchmarks/bench_train.py",
                          "--random_weights", *gpu, *visa, "--image_size", "512", "--epochs", "1", "--skip_uncached",
                          "--workdir", os.path.join(tmp, "visa"), "--output", out["visa"]], 3600),
@@ -185,6 +209,7 @@ def main() -> int:
              f"- mode: {'quick (functional check)' if args.quick else 'full'}", "", "## Targets", "",
              "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in check_targets(steps)]
+    lines += ["", "## CRAS noise: drawn on the CPU and copied (release) vs drawn on the GPU", "", *noise_table(steps)]
     lines += ["", "## Steps", "", "| step | result | time |", "|---|---|---|"]
     lines += [f"| {s.title} | {'ok' if s.code == 0 else f'FAILED (exit {s.code})'} | {s.seconds:.0f} s |"
               for s in steps.values()]

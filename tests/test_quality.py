@@ -45,6 +45,8 @@ def test_separable_defects_are_found(fp32: dict):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is emulated (minutes) on CPUs without AVX-512 BF16: CUDA tier")
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability(0) < (8, 0),
+                    reason="--precision bf16 needs compute capability 8.0")
 def test_bf16_stays_within_0_3_points_of_fp32(fp32: dict, demo_root: Path, tmp_path: Path):
     bf16 = train(demo_root, tmp_path, "bf16")
     for key in ("image_auroc", "pixel_auroc", "last_image_auroc", "last_pixel_auroc"):
