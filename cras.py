@@ -58,9 +58,17 @@ def class_centers(projected_batches: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def residual_scale(dist: torch.Tensor, noise_norm: torch.Tensor, k: float) -> torch.Tensor:
-    """alpha_j = (s_j - 1) k + 1 with s_j = r_j / mean(r), r_j = ||eps_j|| / d_j (spec 2.5 step 4). [N] -> [N]."""
-    r = noise_norm / dist
-    return (r / r.mean() - 1) * k + 1
+    """alpha_j = (s_j - 1) k + 1 with s_j = r_j / mean(r), r_j = ||eps_j|| / d_j (spec 2.5 step 4). [N] -> [N].
+
+    A patch exactly on its center (d_j = 0, r_j infinite: spec 4.8) gets alpha_j = 1, the unscaled noise, and
+    the mean runs over the other patches (alpha = 1 everywhere when all are on their centers, as on the first
+    step of a one-image training set). Without such a patch every value is the release's expression.
+    """
+    on_center = dist == 0  # [N]
+    r = noise_norm / dist  # [N], inf on a center
+    off_center_mean = torch.where(on_center, 0.0, r).sum() / (~on_center).sum()  # NaN when every patch is on one
+    mean = torch.where(on_center.any(), off_center_mean, r.mean())  # no host synchronisation
+    return torch.where(on_center, 1.0, (r / mean - 1) * k + 1)
 
 
 def batch_vote(classes: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -3,13 +3,14 @@ model selection, normal-score statistics, checkpoints and one job's run.
 
 Reading order:
     Encoder, FeatureSource     images -> patch features [b*H*W, D], embedded once (cached) or per pass
+    SharedLoader               the uncached path's one data loader per job, whose workers persist across passes
     batches_of, epoch_order    the batches of every pass (seeded, independent of caching and loaders)
     TrainSet, ClassTest        a job's training features with class labels; each class's test set
     initialize, train_epoch    centers (the method's rule), one epoch of the method's loss
     evaluate, Trainer          per-class test metrics; the resumable fit loop, best epoch on mean I-AUROC + mean P-AUROC
     checkpoints                the self-describing format: method, config, centers, best and last states
     release_files, load_release  the authors' ``center.pth`` + ``ckpt_best_N.pth`` folders
-    run_job                    train (or load) one job, final evaluation, checkpoint, heatmaps, metrics
+    run_job, train_and_test    train (or load) one job, final evaluation, checkpoint, heatmaps, metrics
 
 A *job* is what one model is trained for: one class (PBAS; CRAS --setting single) or every requested
 class together (CRAS --setting multi). A method (``common.Method``) supplies only its equations: center
@@ -37,7 +38,7 @@ import torch
 
 import metrics
 import utils
-from runstate import Interrupted, rng_state, set_rng_state, stop_requested
+from runstate import Interrupted, load_resumable, rng_state, set_rng_state, stop_requested
 from common import Embedder, Method, MethodConfig, StepStats, autocast
 from utils import UserError
 
@@ -51,7 +52,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 SCORES_NAME = "scores.csv"
 TRAIN_STATE_NAME = "train_state.pt"
+DISCARD_DAMAGED_OPTION = "--discard_damaged_state"  # main.py's flag: set a damaged training state aside
 RELEASE_CENTER = "center.pth"
+TENSORBOARD_EVAL = "eval"  # sub-folder (TensorBoard run) of the evaluation scalars, whose step is the epoch
 RELEASE_BEST = re.compile(r"ckpt_best_(\d+)\.pth$")
 
 
@@ -121,10 +124,71 @@ class ImagesOnly(torch.utils.data.Dataset):
         return self.dataset.image_item(index)
 
 
+class PassBatches:
+    """The batch sampler of a reused loader: the batches of the current pass, replaced before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PartImages(torch.utils.data.Dataset):
+    """The images of several datasets, addressed by (dataset number, index): {"image", "index"} without masks."""
+
+    def __init__(self, parts: Sequence[torch.utils.data.Dataset]):
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        part, index = key
+        return self.parts[part].image_item(index)
+
+
+class SharedLoader:
+    """One DataLoader for every pass over the images of a job's datasets (the training set and each class's test
+    set), whose worker processes start once and persist (``persistent_workers``) instead of starting again for
+    every pass and every test set. One pass at a time: a pass started while another is unfinished ends that one.
+
+    The loader draws its workers' base seeds from a generator of its own, so that data loading consumes nothing
+    from the global random streams (the datasets draw no random numbers in the workers).
+    """
+
+    def __init__(self, parts: Sequence[torch.utils.data.Dataset], num_workers: int, pin_memory: bool):
+        self.sampler = PassBatches()
+        self.loader = torch.utils.data.DataLoader(PartImages(parts), batch_sampler=self.sampler, num_workers=num_workers,
+                                                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                                  generator=torch.Generator())
+        self.passes = 0
+
+    def batches(self, part: int, batches: list[list[int]]) -> Iterator[dict]:
+        """The {"image" [b, 3, S, S], "index" [b]} batches of dataset ``part`` for the given index batches."""
+        self.passes += 1
+        this_pass = self.passes
+        self.sampler.batches = [[(part, i) for i in batch] for batch in batches]
+        for batch in self.loader:
+            if self.passes != this_pass:
+                raise RuntimeError("a pass of the shared data loader was continued after another pass had started")
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 class FeatureSource:
     """Patch features of a dataset's images for given batches of indices.
 
-    ``cache='off'``: every request runs the data loader and the backbone (needed with --train_backbone).
+    ``cache='off'``: every request runs the data loader and the backbone (needed with --train_backbone); the
+    loader is ``shared`` (dataset number ``part`` of a SharedLoader, whose workers persist) when given.
     ``cache='device'``: all images are embedded once, on first use, and kept on the compute device.
     ``cache='host'``: the same in ordinary host memory; each batch is gathered into one of two pinned
     staging buffers and copied to the GPU on a copy stream, overlapping the previous batch's compute.
@@ -132,7 +196,8 @@ class FeatureSource:
     """
 
     def __init__(self, encoder: Encoder, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int,
-                 device: torch.device, cache: str, grid: tuple[int, int], progress: Callable | None = None):
+                 device: torch.device, cache: str, grid: tuple[int, int], progress: Callable | None = None,
+                 shared: SharedLoader | None = None, part: int = 0):
         self.encoder = encoder
         self.dataset = dataset
         self.batch_size = batch_size
@@ -141,6 +206,7 @@ class FeatureSource:
         self.cache = cache
         self.grid = grid
         self.progress = progress or (lambda it, **_: it)
+        self.shared, self.part = shared, part
         self._features: torch.Tensor | None = None  # [N, H*W, D]
 
     def __len__(self) -> int:
@@ -178,7 +244,9 @@ class FeatureSource:
     def batches(self, order: Sequence[int], train: bool = False) -> Iterator[torch.Tensor]:
         """Float32 features [b*H*W, D] of each consecutive batch of ``order``."""
         if self.cache == "off":
-            for batch in self._loader(batches_of(order, self.batch_size)):
+            batches = batches_of(order, self.batch_size)
+            loader = self._loader(batches) if self.shared is None else self.shared.batches(self.part, batches)
+            for batch in loader:
                 feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True), train=train)
                 yield feats
             return
@@ -665,6 +733,14 @@ class Job:
         return os.path.join(self.folder, TRAIN_STATE_NAME)
 
 
+def read_train_state(job: Job, discard_damaged: bool = False) -> dict | None:
+    """The saved training state of the job's interrupted training, or None when there is none. A damaged one
+    stops with a one-line error naming the file and --discard_damaged_state, which sets it aside (None)."""
+    return load_resumable(job.train_state, utils.load_checkpoint, discard_damaged,
+                          f"the interrupted training of {job.name} cannot resume from it: run again with "
+                          f"{DISCARD_DAMAGED_OPTION} to set it aside and train {job.name} from the start")
+
+
 @dataclass
 class RunSettings:
     """What every job of a run shares: the method, its configuration and the device options."""
@@ -743,14 +819,18 @@ def job_sources(job: Job, encoder: Encoder, settings: RunSettings, device: torch
     cache = "off" if encoder.train_backbone else choose_cache(settings.cache, device, need)
     LOG.info("%s: %d train / %d test images, features %.2f GB, cache: %s", job.name, sum(len(d) for d in job.trains),
              sum(len(d) for d in job.tests), need / 1e9, cache)
-    make = lambda ds: FeatureSource(encoder, ds, cfg.batch_size, settings.num_workers, device, cache, grid, progress)
     concat = IndexedConcat(job.trains)
+    shared = None
+    if cache == "off" and settings.num_workers > 0:  # many passes: one set of loader workers for all of them
+        shared = SharedLoader([concat, *job.tests], settings.num_workers, pin_memory=device.type == "cuda")
+    make = lambda ds, part: FeatureSource(encoder, ds, cfg.batch_size, settings.num_workers, device, cache, grid, progress,
+                                          shared, part)
     labels = torch.cat([torch.full((len(d),), c, dtype=torch.long) for c, d in enumerate(job.trains)]).to(device)
-    train = TrainSet(make(concat), labels, concat.class_indices())
+    train = TrainSet(make(concat, 0), labels, concat.class_indices())
     tests = []
-    for name, ds in zip(job.row_names, job.tests):
+    for part, (name, ds) in enumerate(zip(job.row_names, job.tests), start=1):
         labels_c, masks = load_masks(ds, device)
-        tests.append(ClassTest(name, make(ds), labels_c, masks))
+        tests.append(ClassTest(name, make(ds, part), labels_c, masks))
     return train, tests
 
 
@@ -861,8 +941,8 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
 
     trainer = Trainer(method, encoder, train, tests, job.seed, FitHooks(on_best=on_best, save_state=save_state),
                       progress)
-    if os.path.exists(job.train_state):
-        saved = utils.load_checkpoint(job.train_state)
+    saved = read_train_state(job)
+    if saved is not None:
         trainer.resume(saved)
         previous = saved["train_seconds"]
         LOG.info("%s: resuming from the training state saved at epoch %d, step %d", job.name, trainer.epoch,
@@ -870,7 +950,7 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
     else:
         trainer.start()
     csv_log = epoch_logger(job, settings.config.meta_epochs, trainer.history)
-    with TensorBoard(job.tensorboard, sum(len(log.steps) for log in trainer.history)) as board:
+    with TensorBoard(job.tensorboard, sum(len(log.steps) for log in trainer.history), trainer.epoch) as board:
         def on_epoch(log: EpochLog) -> None:
             csv_log(log)
             board.epoch(log)
@@ -884,14 +964,22 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
 
 class TensorBoard:
     """TensorBoard event files of a job (torch.utils.tensorboard): every step's losses, p_true and p_fake
-    (``train/...``, step = training step), every evaluation's per-class and mean I-AUROC and P-AUROC
-    (``eval/CLASS/...``, ``eval/mean/...``, step = epoch) and, at the end, the hyper-parameters with the
-    selected epoch's mean metrics. Written at epoch ends (no extra synchronisation per step)."""
+    (``train/...`` in FOLDER, step = training step), every evaluation's per-class and mean I-AUROC and P-AUROC
+    (``eval/CLASS/...``, ``eval/mean/...`` in FOLDER/eval, step = epoch) and, at the end, the hyper-parameters
+    with the selected epoch's mean metrics (FOLDER/hparams). Written at epoch ends (no extra synchronisation
+    per step).
 
-    def __init__(self, folder: str, first_step: int = 0):
+    A (re)started training purges what a killed run wrote after the state it continues from: each writer
+    opens with its purge step (the writer's purge_step; TensorBoard drops the events at or after it), the
+    training steps and epochs already done (0 and 0 for a start from scratch). The two step axes are why
+    the evaluations have their own folder.
+    """
+
+    def __init__(self, folder: str, first_step: int = 0, first_epoch: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when training
 
-        self.writer = SummaryWriter(log_dir=folder)
+        self.writer = SummaryWriter(log_dir=folder, purge_step=first_step)
+        self.eval_writer = SummaryWriter(log_dir=os.path.join(folder, TENSORBOARD_EVAL), purge_step=first_epoch)
         self.step = first_step
 
     def __enter__(self) -> "TensorBoard":
@@ -899,6 +987,7 @@ class TensorBoard:
 
     def __exit__(self, *exc) -> None:
         self.writer.close()
+        self.eval_writer.close()
 
     def epoch(self, log: EpochLog) -> None:
         for stats in log.steps:
@@ -908,9 +997,10 @@ class TensorBoard:
         if log.per_class:
             for name, values in log.per_class.items():
                 for key in ("image_auroc", "pixel_auroc"):
-                    self.writer.add_scalar(f"eval/{name}/{key}", values[key], log.epoch)
-            self.writer.add_scalar("eval/mean/image_auroc", log.image_auroc, log.epoch)
-            self.writer.add_scalar("eval/mean/pixel_auroc", log.pixel_auroc, log.epoch)
+                    self.eval_writer.add_scalar(f"eval/{name}/{key}", values[key], log.epoch)
+            self.eval_writer.add_scalar("eval/mean/image_auroc", log.image_auroc, log.epoch)
+            self.eval_writer.add_scalar("eval/mean/pixel_auroc", log.pixel_auroc, log.epoch)
+            self.eval_writer.flush()
         self.writer.flush()
 
     def hparams(self, config: dict, result: FitResult) -> None:
@@ -928,6 +1018,16 @@ def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.d
     method.seed_streams(job.seed, device)
     encoder = Encoder(embedder.to(device), settings.precision, settings.config.train_backbone)
     train, tests = job_sources(job, encoder, settings, device, progress)
+    try:
+        return train_and_test(job, settings, method, encoder, train, tests, progress)
+    finally:
+        if train.source.shared is not None:
+            train.source.shared.close()
+
+
+def train_and_test(job: Job, settings: RunSettings, method: Method, encoder: Encoder, train: TrainSet,
+                   tests: list[ClassTest], progress: Callable) -> dict[str, dict]:
+    """Train (or reuse a checkpoint, or load released weights), then the final evaluation and the job's files."""
     parts: dict = {}
     if job.release is not None:
         state, epoch, center = load_release(job.release, method)

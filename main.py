@@ -125,6 +125,9 @@ def given_options(ctx: click.Context, options: dict) -> dict:
               help="With --test test: evaluate the authors' released weights instead of ours. DIR holds one folder per "
                    "job as the releases write them (DIR/mvtec_dataset/ for CRAS multi, DIR/mvtec_carpet/ per class) with "
                    "ckpt_best_N.pth (+ center.pth for CRAS); a checkpoint of ours is written from them, usable by predict.")
+@click.option(engine.DISCARD_DAMAGED_OPTION, is_flag=True, default=False,
+              help="A job whose saved training state (train_state.pt) cannot be read trains from the start; the damaged "
+                   "file is kept as train_state.pt.damaged. Without it such a job stops the run with an error.")
 def main(**_: object) -> None:
     """PBAS (Chen et al., IEEE TCSVT 2025) and CRAS (Chen et al., IEEE TII 2025) anomaly detection.
 
@@ -313,6 +316,7 @@ class RunOptions:
     precision: str
     cache: str
     release_weights: str | None
+    discard_damaged_state: bool = False  # set a damaged train_state.pt aside and train that job from the start
 
     @classmethod
     def from_cli(cls, g: dict, net: dict, net_given: dict, data: dict, data_given: dict) -> "RunOptions":
@@ -351,6 +355,7 @@ class RunOptions:
             log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
             precision=g["precision"], cache="off" if config.train_backbone else cache,
             release_weights=None if g["release_weights"] is None else os.path.abspath(g["release_weights"]),
+            discard_damaged_state=g["discard_damaged_state"],
         )
 
     def settings(self) -> engine.RunSettings:
@@ -397,8 +402,9 @@ def check_existing(opts: RunOptions, job: engine.Job) -> None:
         return
     if opts.test == "test" and not os.path.exists(path):
         raise UserError(f"--test test: no checkpoint for {job.name} at {path}; train it first with --test ckpt")
-    if opts.test == "ckpt" and os.path.exists(job.train_state):
-        diff = engine.config_difference(utils.load_checkpoint(job.train_state)["config"], job.config)
+    state = engine.read_train_state(job, opts.discard_damaged_state) if opts.test == "ckpt" else None
+    if state is not None:
+        diff = engine.config_difference(state["config"], job.config)
         if diff is not None:
             raise UserError(f"{job.train_state} (an interrupted training) has another configuration ({diff}); "
                             "use another --results_path or remove it")

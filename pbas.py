@@ -3,6 +3,7 @@
 Reading order:
     PBASConfig                     its hyper-parameters, released defaults
     nearest_center, update_center  the 1-NN search and the EMA update of ABL (section 4, Algorithm 1)
+    center_direction               the unit direction of AFS (Eq. 7), defined as zero on the center
     PBAS                           P_theta + D_psi + the center c: initialize (section 4), loss (section 5),
                                    patch_scores (section 6)
 
@@ -87,6 +88,16 @@ def initialize_center(batch_means: Iterator[torch.Tensor], metric: str = "cosine
     return center
 
 
+def center_direction(offset: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """(u - c) / ||u - c|| of Eq. 7, and the zero vector for a patch exactly on its center (0/0 in the paper).
+
+    Such a patch gets no synthetic offset (z = u): it happens on the first step of a one-image training set,
+    whose centers are that image's own projected features. Every other row is the plain quotient.
+    offset [N, D], dist [N, 1] -> [N, D]
+    """
+    return torch.where(dist > 0, offset / dist, torch.zeros_like(offset))
+
+
 # ----------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +140,7 @@ class PBAS(Method):
         offset = u - self.center[idx]  # [N, D]
         dist = offset.norm(dim=1, keepdim=True)  # [N, 1]
         radius = dist.mean()  # L_c
-        z = u + (offset / dist * radius * self.config.k).detach()
+        z = u + (center_direction(offset, dist) * radius * self.config.k).detach()
         return radius, z, idx
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor, positions: int,

@@ -1,5 +1,6 @@
 """Run machinery shared by every pipeline (PBAS/CRAS engine, PANDA): stop requests from signals, the global
-random streams of a resumable state, and process hygiene for worker processes.
+random streams of a resumable state, reading a resumable state that may be damaged, and process hygiene for
+worker processes.
 
 A stop is cooperative: a signal handler records it (``request_stop``), the training loop polls
 ``stop_requested`` at step boundaries, saves its state and raises ``Interrupted``; the CLI turns that into
@@ -9,16 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import signal
 import time
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
+from utils import UserError
+
 LOG = logging.getLogger("pbas")
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
+DAMAGED_SUFFIX = ".damaged"  # a damaged resumable state set aside on request: train_state.pt -> train_state.pt.damaged
+State = TypeVar("State")
 
 
 class Interrupted(Exception):
@@ -101,3 +108,24 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         cuda = cuda[index] if index < len(cuda) else None
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+def load_resumable(path: str, load: Callable[[str], State], discard: bool, way_out: str) -> State | None:
+    """The resumable state saved at ``path`` (``load`` raises a one-line UserError for an unusable file), or None
+    when there is none.
+
+    An unusable (damaged) state never makes a silent restart: without ``discard`` it stops the run with the
+    loader's message naming the file, followed by ``way_out`` (what the user can do, e.g. the option that sets
+    ``discard``); with ``discard`` it is renamed to ``path + DAMAGED_SUFFIX`` with a warning and None is
+    returned, so that the caller trains from the start.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        return load(path)
+    except UserError as exc:
+        if not discard:
+            raise UserError(f"{exc}; {way_out}") from exc
+        os.replace(path, path + DAMAGED_SUFFIX)
+        LOG.warning("%s; set aside as %s, training from the start", exc, path + DAMAGED_SUFFIX)
+        return None

@@ -8,15 +8,19 @@ ROOT/CLASS/train/, test/LABEL/, optional ground_truth/LABEL/ or masks/LABEL/). M
 the split_csv layout, as the PBAS release's VisA loader does.
 
 Decoding (read_rgb, read_mask) accepts more than 8-bit RGB: 16-bit grayscale (I;16*, and I holding
-0..65535) is scaled to 8 bits as round(v / 257), float F images must lie in [0, 1] (scaled by 255), other modes
-are converted by PIL (alpha dropped). Masks are normalised before the resize to an L image with 0 (background)
-and 255 (any non-zero value: palette index, any colour channel; alpha ignored), so a 0/1, palette, 16-bit or
-coloured mask reads like a standard 0/255 one.
+0..65535) is scaled to 8 bits as round(v / 257), or as round(v * 255 / (2^b - 1)) when the file says that only b
+bits are significant (PNG sBIT, TIFF MaxSampleValue; e.g. 12-bit camera images) and no value exceeds 2^b - 1;
+float F images must lie in [0, 1] (scaled by 255), other modes are converted by PIL (alpha dropped). Masks are
+normalised before the resize to an L image with 0 (background) and 255 (any non-zero value: palette index, any
+colour channel; alpha ignored), so a 0/1, palette, 16-bit or coloured mask reads like a standard 0/255 one. A
+mask stored with lossy compression (JPEG, or TIFF with JPEG compression) is binarised at half range instead
+(largest colour channel >= 128), so that compression noise around its edges is not a defect.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -92,6 +96,9 @@ def effective_resize(
 
 _MAX_16BIT = 65535
 _SAVE_HINT = "save it as 8-bit RGB or grayscale (e.g. PNG)"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_MAX_SAMPLE_VALUE = 281  # TIFF tag MaxSampleValue
+LOSSY_MASK_THRESHOLD = 128  # half of the 8-bit range: a lossy mask's defect pixels
 
 
 def _image_name(image: Image.Image) -> str:
@@ -102,10 +109,51 @@ def _gray8_to_rgb(gray: np.ndarray) -> Image.Image:
     return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
 
 
+def _png_significant_bits(path: str) -> int | None:
+    """The first value of a PNG file's sBIT chunk (the gray channel's significant bits), or None without one."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return None
+            while len(head := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", head)
+                if kind == b"sBIT":
+                    data = f.read(length)
+                    return data[0] if data else None
+                if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data
+                    return None
+                f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    except OSError:
+        return None
+    return None
+
+
+def significant_bits(image: Image.Image, path: str | None) -> int | None:
+    """How many low bits of a 16-bit grayscale image the file says carry data (PNG sBIT, TIFF MaxSampleValue);
+    None when the file does not say."""
+    if image.format == "PNG" and path and os.path.isfile(path):
+        return _png_significant_bits(path)
+    if image.format == "TIFF":
+        value = getattr(image, "tag_v2", {}).get(TIFF_MAX_SAMPLE_VALUE)
+        value = value[0] if isinstance(value, tuple) and value else value
+        return int(value).bit_length() if isinstance(value, int) and value > 0 else None
+    return None
+
+
+def _scale_16bit(values: np.ndarray, bits: int | None) -> np.ndarray:
+    """16-bit gray values -> 0..255: round(v * 255 / (2^bits - 1)) when the file says ``bits`` < 16 significant bits
+    and no value exceeds 2^bits - 1 (a 12-bit sensor: 4095 -> 255), else round(v / 257). No ties either way."""
+    top = _MAX_16BIT
+    if bits is not None and 8 <= bits < 16 and (not values.size or values.max() < 1 << bits):
+        top = (1 << bits) - 1
+    return (values.astype(np.uint64) * 510 + top) // (2 * top)
+
+
 def to_rgb8(image: Image.Image, path: str | None = None) -> Image.Image:
     """8-bit RGB version of a decoded PIL image (the image itself if it is RGB already).
 
-    16-bit grayscale (modes I;16, I;16B, I;16L, I;16N, and I holding 0..65535) -> round(v / 257); F (float)
+    16-bit grayscale (modes I;16, I;16B, I;16L, I;16N, and I holding 0..65535) -> round(v / 257), or
+    round(v * 255 / (2^b - 1)) when the file says b significant bits (``significant_bits``); F (float)
     -> round(v * 255) if every value is in [0, 1]; any other mode via PIL's convert("RGB") (alpha dropped;
     PIL already reduces 16-bit RGB files to 8 bits by keeping the high byte). DatasetError naming `path`
     for values out of range or a mode PIL cannot convert.
@@ -120,7 +168,7 @@ def to_rgb8(image: Image.Image, path: str | None = None) -> Image.Image:
                 f"Integer image file '{name}' (mode {image.mode}) holds values {values.min()}..{values.max()}, "
                 f"outside the 16-bit range 0..{_MAX_16BIT}; {_SAVE_HINT}."
             )
-        return _gray8_to_rgb((values.astype(np.uint32) * 2 + 257) // 514)  # round(v / 257), no ties
+        return _gray8_to_rgb(_scale_16bit(values, significant_bits(image, path or getattr(image, "filename", None))))
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         outside = values[~((values >= 0.0) & (values <= 1.0))]  # NaN counts as outside
@@ -151,11 +199,28 @@ def _nonzero(image: Image.Image, name: str) -> np.ndarray:
     return (np.asarray(to_rgb8(image, name)) != 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their RGB colour
 
 
+def is_lossy(image: Image.Image) -> bool:
+    """Whether a decoded file was stored with lossy compression: JPEG (and MPO), or TIFF with JPEG compression."""
+    return image.format in ("JPEG", "MPO") or (image.format == "TIFF"
+                                                and image.info.get("compression") in ("jpeg", "tiff_jpeg"))
+
+
+def _upper_half(image: Image.Image, name: str) -> np.ndarray:
+    """bool[H, W]: pixels whose largest colour channel is at least half the 8-bit range (a lossy mask's defects)."""
+    values = np.asarray(image) if image.mode == "L" else np.asarray(to_rgb8(image, name)).max(axis=-1)
+    return values >= LOSSY_MASK_THRESHOLD
+
+
 def to_binary_mask(image: Image.Image, path: str | None = None) -> Image.Image:
-    """Mask image -> "L" image with 0 (background) and 255 (any non-zero pixel); identity for 0/255 L masks."""
+    """Mask image -> "L" image with 0 (background) and 255 (defect): any non-zero pixel of a losslessly stored
+    mask (identity for 0/255 L masks), the upper half of the range of a lossy one (JPEG: compression noise
+    around the edges is not a defect)."""
+    name = path or _image_name(image)
+    if is_lossy(image):
+        return Image.fromarray(_upper_half(image, name).astype(np.uint8) * 255, "L")
     if image.mode == "L":
         return image.point([0] + [255] * 255)
-    return Image.fromarray(_nonzero(image, path or _image_name(image)).astype(np.uint8) * 255, "L")
+    return Image.fromarray(_nonzero(image, name).astype(np.uint8) * 255, "L")
 
 
 class _ToRGB:
