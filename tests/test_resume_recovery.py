@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import engine
@@ -37,11 +38,14 @@ def test_a_damaged_training_state_names_the_file_and_the_way_out(mvtec_root: Pat
     assert len(err) == 1 and str(state) in err[0] and "--discard_damaged_state" in err[0], err
     assert state.exists() and not (tmp_path / JOB / engine.CHECKPOINT_NAME).exists()  # nothing restarted silently
 
-    assert main.cli(argv(tmp_path, mvtec_root, "--discard_damaged_state")) == 0
+    with pytest.MonkeyPatch.context() as m:
+        stop_after(m, 1)  # the first step of a training from the start, then its own state
+        assert main.cli(argv(tmp_path, mvtec_root, "--discard_damaged_state")) == 143
     warned = caplog.text
     assert "set aside" in warned and str(state) + runstate.DAMAGED_SUFFIX in warned
     assert (tmp_path / JOB / (engine.TRAIN_STATE_NAME + runstate.DAMAGED_SUFFIX)).read_bytes().startswith(b"PK\x03\x04 a")
-    assert not state.exists() and (tmp_path / "results.csv").is_file()
+    fresh = torch.load(state, weights_only=True)
+    assert (fresh["epoch"], len(fresh["steps"])) == (0, 1)
 
 
 def stop_after(monkeypatch, steps: int) -> None:
