@@ -48,6 +48,8 @@ def training_loss(eps_model: EpsModel, adapters: Adapters, schedule: Schedule, z
         eps_hat = MGA_img(UNet(x_t), m_t),  eps_hat' = MGA_mask(UNet(x'_t), m),
         L = 4 mean|m_t eps - m_t eps_hat| + mean|eps' - eps_hat'|.
     z0 [B, C, h, w] (scaled latents), m [B, 1, h, w] binary, context [B, L, H], t [B] int64."""
+    if not schedule.full:
+        raise ValueError("training uses the full T-step schedule, not a respaced one")
     eps = noise.randn(tuple(z0.shape), z0.device)
     eps_prime = noise.randn(tuple(z0.shape), z0.device)
     m_t = ema_mask(t, m, schedule.num_timesteps)
@@ -62,16 +64,17 @@ def training_loss(eps_model: EpsModel, adapters: Adapters, schedule: Schedule, z
                   "t": t, "eps_hat": eps_hat.detach(), "eps_hat_prime": eps_hat_prime.detach()}
 
 
-def _p_sample(eps_model: EpsModel, adapter: nn.Module, schedule: Schedule, x: Tensor, t: Tensor, context: Tensor,
+def _p_sample(eps_model: EpsModel, adapter: nn.Module, schedule: Schedule, x: Tensor, k: Tensor, context: Tensor,
               guide: Tensor, clean: Tensor, noise: NoiseSource) -> Tensor:
-    """One ancestral step (``STAGE.p_sample``, fixed-small variance, no clipping):
-    x0_hat = guide * x0_pred(x, MGA(UNet(x), guide)) + (1 - guide) * clean; x_{t-1} ~ q(x_{t-1} | x_t, x0_hat).
-    The posterior noise is drawn at t = 0 too and multiplied by 0 there (it matters for replaying draws)."""
-    eps = adapter(eps_model(x, t, context).float(), guide)
-    x0_hat = guide * schedule.predict_start(x, t, eps) + clean * (1 - guide)
-    mean, log_variance = schedule.posterior(x0_hat, x, t)
+    """One ancestral step (``STAGE.p_sample``, fixed-small variance, no clipping) at table index k [B]:
+    x0_hat = guide * x0_pred(x, MGA(UNet(x, t), guide)) + (1 - guide) * clean; x_{t-1} ~ q(x_{t-1} | x_t, x0_hat)
+    with t = timesteps[k]. The posterior noise is drawn at k = 0 too and multiplied by 0 there (it matters for
+    replaying draws)."""
+    eps = adapter(eps_model(x, schedule.timesteps[k], context).float(), guide)
+    x0_hat = guide * schedule.predict_start(x, k, eps) + clean * (1 - guide)
+    mean, log_variance = schedule.posterior(x0_hat, x, k)
     xi = noise.randn(tuple(x.shape), x.device)
-    nonzero = (t != 0).float().reshape(-1, *((1,) * (x.dim() - 1)))
+    nonzero = (k != 0).float().reshape(-1, *((1,) * (x.dim() - 1)))
     return mean + nonzero * (0.5 * log_variance).exp() * xi
 
 
@@ -81,22 +84,24 @@ def sample_latents(eps_model: EpsModel, adapters: Adapters, schedule: Schedule, 
     """The graded dual-branch sampler (``STAGE.p_sample_loop``, spec section 4): T ancestral steps, the noised
     real background injected every step, the anomaly-only branch in its two windows, no guidance.
     z_clean [B, C, h, w] (scaled latent of the normal image), m [B, 1, h, w] binary -> final latent [B, C, h, w].
-    Draws: x_T once, then per step background [B, C, h, w], mask [B, 1, h, w], posterior [B, C, h, w]."""
+    Draws: x_T once, then per step background [B, C, h, w], mask [B, 1, h, w], posterior [B, C, h, w].
+    A respaced ``schedule`` visits only its ``timesteps`` (branch windows and EMA at those original steps)."""
     b = z_clean.shape[0]
     x = noise.randn(tuple(z_clean.shape), z_clean.device)
     mask_image = x
     guide = torch.ones_like(m)  # M: the soft mask of the anomaly-aware branch, one step late (all ones at T - 1)
-    for i in reversed(range(schedule.num_timesteps)):
-        t = torch.full((b,), i, device=z_clean.device, dtype=torch.long)
-        s = (t - 1).clamp(min=0)
+    for index in reversed(range(len(schedule.timesteps))):
+        i = int(schedule.timesteps[index])  # the original timestep; the tables are read at `index`
+        k = torch.full((b,), index, device=z_clean.device, dtype=torch.long)
+        s = (k - 1).clamp(min=0)  # where the chain is after this step
         background = schedule.q_sample(z_clean, s, noise.randn(tuple(z_clean.shape), z_clean.device))
         mask_noised = schedule.q_sample(m, s, noise.randn(tuple(m.shape), m.device))  # 1 channel, broadcast
         if anomaly_only_step(i):
-            mask_image = _p_sample(eps_model, adapters.fine_mask, schedule, mask_image, t, context, m, m, noise)
+            mask_image = _p_sample(eps_model, adapters.fine_mask, schedule, mask_image, k, context, m, m, noise)
             x = m * mask_image + background * (1 - m)
             mask_image = m * mask_image + mask_noised * (1 - m)
         else:
-            x_prev = _p_sample(eps_model, adapters.fine_image, schedule, x, t, context, guide, z_clean, noise)
+            x_prev = _p_sample(eps_model, adapters.fine_image, schedule, x, k, context, guide, z_clean, noise)
             mask_image = m * x_prev + mask_noised * (1 - m)
             x = guide * x_prev + background * (1 - guide)
         guide = ema_mask(i, m, schedule.num_timesteps)

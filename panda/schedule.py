@@ -55,8 +55,21 @@ def _at(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
     return table.gather(0, t).reshape(t.shape[0], *((1,) * (like.dim() - 1)))
 
 
+def respaced_betas(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> tuple[Tensor, Tensor]:
+    """Timestep respacing (Nichol & Dhariwal 2021, sec. 4): ``steps`` evenly spaced timesteps of the T-step
+    chain (0 and T-1 included) and the float64 betas of the shorter chain that keeps alpha_bar at those steps,
+    beta_k = 1 - alpha_bar(s_k) / alpha_bar(s_{k-1}). -> (timesteps [K] int64, betas [K] float64)."""
+    if not 2 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be in [2, {num_timesteps}], got {steps}")
+    timesteps = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long().unique()
+    cumprod = torch.cumprod(1.0 - linear_betas(num_timesteps), 0)[timesteps]
+    return timesteps, 1.0 - cumprod / torch.cat([cumprod.new_ones(1), cumprod[:-1]])
+
+
 class Schedule(nn.Module):
-    """The float32 tables as non-persistent buffers (they move with the model, never enter a checkpoint)."""
+    """The float32 tables as non-persistent buffers (they move with the model, never enter a checkpoint).
+    ``steps`` < T: a respaced chain for faster sampling (not the release's; its table index k stands for the
+    original timestep ``timesteps[k]``). Default: all T steps, the release's tables, ``timesteps`` = 0..T-1."""
 
     betas: Tensor
     alphas_cumprod: Tensor
@@ -71,11 +84,23 @@ class Schedule(nn.Module):
     posterior_mean_coef1: Tensor
     posterior_mean_coef2: Tensor
 
-    def __init__(self, num_timesteps: int = NUM_TIMESTEPS):
+    timesteps: Tensor
+
+    def __init__(self, num_timesteps: int = NUM_TIMESTEPS, steps: int | None = None):
         super().__init__()
         self.num_timesteps = num_timesteps
-        for name, table in schedule_tables(linear_betas(num_timesteps)).items():
+        if steps is None or steps == num_timesteps:
+            timesteps, betas = torch.arange(num_timesteps), linear_betas(num_timesteps)
+        else:
+            timesteps, betas = respaced_betas(steps, num_timesteps)
+        self.register_buffer("timesteps", timesteps, persistent=False)
+        for name, table in schedule_tables(betas).items():
             self.register_buffer(name, table.to(torch.float32), persistent=False)
+
+    @property
+    def full(self) -> bool:
+        """True for the release's T-step chain (table index = timestep)."""
+        return len(self.timesteps) == self.num_timesteps
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4); t [B] int64."""

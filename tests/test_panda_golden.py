@@ -217,3 +217,14 @@ def test_golden_sampler():
     background = Schedule().q_sample(g["z_clean"], torch.zeros(2, dtype=torch.long), lo["noise_background"][-1])
     outside = g["mask"].expand_as(final) == 0
     torch.testing.assert_close(final[outside], background[outside], rtol=0, atol=1e-6)
+
+
+def test_respaced_schedule_keeps_alpha_bar_at_its_steps():
+    full, short = Schedule(), Schedule(steps=50)
+    assert full.full and not short.full and Schedule(steps=1000).full
+    assert short.timesteps[0] == 0 and short.timesteps[-1] == SAMPLE_STEPS - 1 and len(short.timesteps) == 50
+    torch.testing.assert_close(short.alphas_cumprod, full.alphas_cumprod[short.timesteps], rtol=1e-6, atol=0)
+    assert short.betas[1:].gt(full.betas[short.timesteps[1:]]).all()  # larger jumps between its steps
+    with pytest.raises(ValueError, match="training uses the full"):
+        training_loss(None, None, short, torch.zeros(1, 4, 2, 2), torch.zeros(1, 1, 2, 2), None,
+                      torch.zeros(1, dtype=torch.long), RecordedNoise([]))
