@@ -19,12 +19,12 @@ from panda.embedding import MAX_LENGTH, PLACEHOLDER
 from utils import UserError
 
 LDM_SOURCE = "the diffusers layout of CompVis/ldm-text2im-large-256"
-# part folder -> (what it holds, the class name its config.json must name)
+# part folder -> (what it holds, the class names its config.json may name; the tokenizer: its vocabulary file)
 PARTS = {
-    "unet": ("the UNet2DConditionModel", "UNet2DConditionModel"),
-    "vqvae": ("the AutoencoderKL", "AutoencoderKL"),
-    "bert": ("the LDMBertModel text encoder", "ldmbert"),
-    "tokenizer": ("the BertTokenizer vocabulary", "vocab.txt"),
+    "unet": ("the UNet2DConditionModel", ("UNet2DConditionModel",)),
+    "vqvae": ("the AutoencoderKL", ("AutoencoderKL",)),
+    "bert": ("the LDMBertModel text encoder", ("ldmbert", "LDMBertModel")),
+    "tokenizer": ("the BertTokenizer vocabulary", ("vocab.txt",)),
 }
 # what loading a broken part raises (missing/corrupt weight files, shape mismatches, bad JSON)
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, json.JSONDecodeError)
@@ -47,7 +47,8 @@ class LDM:
 
 
 def _config_class(folder: str, part: str) -> str:
-    """The class a part's config.json names: diffusers' ``_class_name`` or transformers' ``model_type``."""
+    """The class a part's config.json names: diffusers' ``_class_name``, else transformers' ``model_type``, else
+    its first ``architectures`` entry."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"--ldm {os.path.dirname(folder)}: {part}/config.json is missing ({PARTS[part][0]} "
@@ -59,7 +60,8 @@ def _config_class(folder: str, part: str) -> str:
         raise UserError(f"--ldm {os.path.dirname(folder)}: {part}/config.json is unreadable: {error}") from None
     if not isinstance(config, dict):
         raise UserError(f"--ldm {os.path.dirname(folder)}: {part}/config.json is not a JSON object")
-    return str(config.get("_class_name") or config.get("model_type") or "nothing")
+    architectures = config.get("architectures") or ["nothing"]
+    return str(config.get("_class_name") or config.get("model_type") or architectures[0])
 
 
 def _check_part(path: str, part: str) -> str:
@@ -69,11 +71,11 @@ def _check_part(path: str, part: str) -> str:
     if not os.path.isdir(folder):
         raise UserError(f"--ldm {path}: {part}/ is missing ({what} expected, {LDM_SOURCE})")
     if part == "tokenizer":
-        if not os.path.isfile(os.path.join(folder, expected)):
-            raise UserError(f"--ldm {path}: tokenizer/{expected} is missing ({what} expected, {LDM_SOURCE})")
+        if not os.path.isfile(os.path.join(folder, expected[0])):
+            raise UserError(f"--ldm {path}: tokenizer/{expected[0]} is missing ({what} expected, {LDM_SOURCE})")
         return folder
     found = _config_class(folder, part)
-    if found != expected:
+    if found not in expected:
         raise UserError(f"--ldm {path}: {part}/ holds a {found}, expected {what} ({LDM_SOURCE})")
     return folder
 

@@ -59,6 +59,9 @@ def test_load_ldm_bad_folders(ldm_folder: Path, tmp_path: Path):
     shutil.copy(ldm_folder / "vqvae" / "config.json", broken / "unet")  # a VAE where the UNet belongs
     one_line_error(broken, "unet/ holds a AutoencoderKL, expected the UNet2DConditionModel")
     shutil.copy(ldm_folder / "unet" / "config.json", broken / "unet")
+    (broken / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    one_line_error(broken, "bert/ holds a bert, expected the LDMBertModel")
+    shutil.copy(ldm_folder / "bert" / "config.json", broken / "bert")
     weights = broken / "vqvae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated weights
     one_line_error(broken, "cannot load vqvae/ as the AutoencoderKL")
@@ -159,3 +162,23 @@ def test_sample_end_to_end(ldm: LDM):
     noise = RecordedNoise([latent, latent] + [latent, mask, latent] * 20)  # posterior, x_T, then 3 per step
     model.sample(images, masks, NAMES[:2], noise, steps=20)
     assert noise.exhausted()
+
+
+def test_bf16_autocasts_only_the_frozen_parts(ldm: LDM):
+    """precision bf16: the UNet runs in bfloat16, the adapters, the loss and every gradient stay float32."""
+    model = Panda(ldm, NAMES, INIT, precision="bf16").train()
+    reference = Panda(ldm, NAMES, INIT).train()
+    reference.load_trainable_state(model.trainable_state())
+    dtypes: list[torch.dtype] = []
+    hook = ldm.unet.conv_out.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    images, masks = batch()
+    try:
+        loss, _ = model.loss(images, masks, NAMES[:2], GeneratorNoise.seeded(0))
+    finally:
+        hook.remove()
+    expected, _ = reference.loss(images, masks, NAMES[:2], GeneratorNoise.seeded(0))
+    loss.backward()
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and loss.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.fine_image.parameters())
+    assert model.embeddings.params[0].grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0.05, atol=0)  # bf16 rounding in the frozen parts only
