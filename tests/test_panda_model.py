@@ -182,3 +182,32 @@ def test_bf16_autocasts_only_the_frozen_parts(ldm: LDM):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.fine_image.parameters())
     assert model.embeddings.params[0].grad.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=0.05, atol=0)  # bf16 rounding in the frozen parts only
+
+
+def test_generator_noise_state_replays_draws():
+    noise = GeneratorNoise.seeded(7)
+    noise.randn((3,), "cpu")
+    state = noise.get_state()
+    first = (noise.randn((2, 2), "cpu"), noise.randint(1000, (4,), "cpu"))
+    noise.set_state(state)
+    assert torch.equal(noise.randn((2, 2), "cpu"), first[0]) and torch.equal(noise.randint(1000, (4,), "cpu"), first[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA tier needs a GPU")
+def test_cuda_bf16_step_and_sample(ldm_folder: Path):
+    """On the GPU: a bf16 training step stays close to fp32 (same draws from a CPU generator) and sampling runs."""
+    cuda_ldm = load_ldm(str(ldm_folder), "cuda")
+    images, masks = (x.cuda() for x in batch())
+    losses = []
+    for precision in ("fp32", "bf16"):
+        model = Panda(cuda_ldm, NAMES, INIT, precision=precision).train()
+        torch.manual_seed(0)  # the same adapter init for both
+        model.load_trainable_state(Panda(cuda_ldm, NAMES, INIT).trainable_state())
+        loss, _ = model.loss(images, masks, NAMES[:2], GeneratorNoise.seeded(0))
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.trainable_parameters() if p.grad is not None)
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    out = model.eval().sample(images, masks, NAMES[:2], GeneratorNoise.seeded(1), steps=10)
+    assert out.is_cuda and torch.isfinite(out).all()
