@@ -61,7 +61,7 @@ def training_loss(eps_model: EpsModel, adapters: Adapters, schedule: Schedule, z
     loss_mask = (eps_prime - eps_hat_prime).abs().mean((1, 2, 3)).mean()
     loss = SIMPLE_WEIGHT * loss_simple + loss_mask
     return loss, {"loss_simple": loss_simple.detach(), "loss_mask": loss_mask.detach(), "loss": loss.detach(),
-                  "t": t, "eps_hat": eps_hat.detach(), "eps_hat_prime": eps_hat_prime.detach()}
+                  "eps_hat": eps_hat.detach(), "eps_hat_prime": eps_hat_prime.detach()}
 
 
 def _p_sample(eps_model: EpsModel, adapter: nn.Module, schedule: Schedule, x: Tensor, k: Tensor, context: Tensor,
@@ -90,8 +90,9 @@ def sample_latents(eps_model: EpsModel, adapters: Adapters, schedule: Schedule, 
     x = noise.randn(tuple(z_clean.shape), z_clean.device)
     mask_image = x
     guide = torch.ones_like(m)  # M: the soft mask of the anomaly-aware branch, one step late (all ones at T - 1)
-    for index in reversed(range(len(schedule.timesteps))):
-        i = int(schedule.timesteps[index])  # the original timestep; the tables are read at `index`
+    timesteps = schedule.timesteps.tolist()  # once: no device sync per step
+    for index in reversed(range(len(timesteps))):
+        i = timesteps[index]  # the original timestep; the tables are read at `index`
         k = torch.full((b,), index, device=z_clean.device, dtype=torch.long)
         s = (k - 1).clamp(min=0)  # where the chain is after this step
         background = schedule.q_sample(z_clean, s, noise.randn(tuple(z_clean.shape), z_clean.device))
