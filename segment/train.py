@@ -1,0 +1,152 @@
+"""Supervised training of the segmenter: focal + Dice loss, AdamW with a cosine learning-rate decay, resumable.
+
+The checkpoint (tensors and plain data only, read with weights_only) is self-describing: format, kind,
+configuration, network state, and while training the optimizer state, the step, the global random streams and
+the loss history. A stop request (SIGTERM / SIGINT, runstate) ends the run after the current step with the state
+saved; the same command resumes it: the batches of step t depend only on (seed, t) (data.step_batch), so a
+resumed run ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+import runstate
+import utils
+from segment import networks
+from segment.data import TrainImages, step_batch
+from utils import UserError
+
+LOG = logging.getLogger("pbas")
+FORMAT = 1  # checkpoint format of the segmenter
+KIND = "segment"
+LOG_EVERY = 50  # a progress line (and a row of the loss log) every this many steps
+WEIGHT_DECAY = 1e-4
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything that defines a trained segmenter (recorded in its checkpoint, compared on resume)."""
+
+    arch: str = "unet"
+    encoder: str = networks.DEFAULT_ENCODER
+    encoder_weights: str = networks.WEIGHTS_IMAGENET
+    imagesize: int = 256
+    resize: int = 256
+    steps: int = 4000
+    batch_size: int = 8
+    lr: float = 5e-4
+    anomaly_share: float = 0.5
+    save_every: int = 500
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        """One-line UserErrors for values that make no sense."""
+        for key in ("imagesize", "resize", "steps", "batch_size", "save_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
+        if self.imagesize % 32:
+            raise UserError(f"--imagesize must be a multiple of 32 (the encoder's stride), got {self.imagesize}")
+        if self.imagesize > self.resize:
+            raise UserError(f"--imagesize {self.imagesize} is larger than --resize {self.resize}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.anomaly_share <= 1:
+            raise UserError(f"--anomaly_share must be in (0, 1], got {self.anomaly_share}")
+
+
+def learning_rate(config: SegmentConfig, step: int) -> float:
+    """Cosine decay from lr to 0 over the steps: lr (1 + cos(pi t / T)) / 2."""
+    return config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+
+
+def read(path: str, config: dict | None = None) -> dict:
+    """A segmenter checkpoint (weights_only); with ``config``, a one-line error when it was trained otherwise."""
+    ckpt = utils.load_tensors(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} is not a segmenter checkpoint (written by 'main.py segment')")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} has segmenter checkpoint format {ckpt.get('format')!r}, this version reads {FORMAT}")
+    if config is not None and ckpt["config"] != config:
+        diff = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
+        raise UserError(f"{path} was trained with another configuration ({', '.join(diff)}); use another "
+                        "--results_path or remove it")
+    return ckpt
+
+
+def network_from(ckpt: dict) -> torch.nn.Module:
+    """The network of a checkpoint (eval mode, CPU)."""
+    cfg = ckpt["config"]["net"]
+    model = networks.build(cfg["arch"], cfg["encoder"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _loader(data: TrainImages, config: SegmentConfig, seed: int, start: int, num_workers: int):
+    batches = [step_batch(data, seed, t, config.batch_size, config.anomaly_share) for t in range(start, config.steps)]
+    return torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=num_workers,
+                                       worker_init_fn=_worker_init if num_workers else None)
+
+
+def _worker_init(_: int) -> None:
+    runstate.die_with_parent()
+
+
+def fit(model: torch.nn.Module, data: TrainImages, config: SegmentConfig, job_config: dict, seed: int, state_path: str,
+        device: torch.device, num_workers: int = 0, on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """Train ``model`` (already initialised for ``seed``) for config.steps steps, resuming from ``state_path`` when it
+    holds an unfinished run of this configuration; returns the loss log. Saves the state every save_every steps and
+    when a stop is requested (then raises runstate.Interrupted)."""
+    model.to(device).train()
+    loss_fn = networks.SegmentationLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=WEIGHT_DECAY)
+    start, history = 0, []
+    if os.path.exists(state_path):
+        saved = read(state_path, job_config)
+        if not saved.get("complete"):
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            runstate.set_rng_state(saved["rng"])
+            start, history = int(saved["step"]), list(saved["history"])
+            LOG.info("resuming %s at step %d of %d", state_path, start, config.steps)
+
+    def save(step: int) -> None:
+        utils.save_torch({"format": FORMAT, "kind": KIND, "complete": False, "config": job_config, "step": step,
+                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "rng": runstate.rng_state(), "history": history}, state_path)
+
+    began, window = time.monotonic(), []
+    for step, batch in enumerate(_loader(data, config, seed, start, num_workers), start=start):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        loss, parts = loss_fn(model(images), masks)
+        if not torch.isfinite(loss):
+            raise UserError(f"training diverged at step {step} (loss {float(loss)}); lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window.append(float(loss.detach()))
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == config.steps:
+            history.append({"step": done, "loss": sum(window) / len(window), **parts})
+            LOG.info("step %d/%d: loss %.4f (%.2f s/step)", done, config.steps, history[-1]["loss"],
+                     (time.monotonic() - began) / (done - start))
+            window = []
+        if on_step is not None:
+            on_step(done)
+        if runstate.stop_requested() and done < config.steps:
+            save(done)
+            raise runstate.Interrupted(runstate.stop_requested(), state_path)
+        if done % config.save_every == 0 and done < config.steps:
+            save(done)
+    model.eval()
+    return history

@@ -1,0 +1,218 @@
+"""Segmentation trained on synthetic anomalies (segment/): split, metrics, baseline synthesis, training that finds
+the matching real defects, predict / ONNX parity, exact resume, bad input. Tiny data, 32-pixel crops, CPU."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+import metrics
+import runstate
+import utils
+from datasets.synthetic import make_dataset
+from segment import data as segdata
+from segment import evaluate, networks, predict, synthesis, train
+
+SIZE = 64  # generated images
+CROP = 32  # network input
+# the real class: 3 defect types x 3 anomalies (1 each held out for the synthesis by --anomaly_split third)
+REAL = {"n_train": 8, "n_test_good": 4, "n_test_defect": 9}
+# 'easy' synthetic anomalies: the same generator (other seed), so they match the real defects
+EASY = {"n_train": 1, "n_test_good": 1, "n_test_defect": 24}
+TRAIN = ("--encoder", "efficientnet_lite0", "--imagesize", str(CROP), "--resize", str(CROP), "--steps", "12",
+         "--batch_size", "8", "--lr", "2e-3", "--num_workers", "0")
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("seg_real")
+    make_dataset(root, classes=("texture",), size=SIZE, seed=0, **REAL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def easy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("seg_easy")
+    make_dataset(root, classes=("texture",), size=SIZE, seed=1, **EASY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(real_root: Path, easy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results folder with a segmenter trained through the CLI on the easy synthetic anomalies."""
+    results = tmp_path_factory.mktemp("seg_results")
+    code = main.cli(["--gpu", "-1", "--seed", "0", "--results_path", str(results), "segment", "mvtec", str(real_root),
+                     "-d", "texture", "--synthetic", str(easy_root), "--source", "easy", *TRAIN])
+    assert code == 0
+    return results
+
+
+def job_folder(results: Path) -> Path:
+    return results / "models" / "segment-easy-third" / "mvtec_texture" / "seed0"
+
+
+def test_split_never_leaks(real_root: Path, easy_root: Path) -> None:
+    data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
+    real_test = [s for s in data.test.samples]
+    held = {s.image_path for s in data.held_out}
+    assert len(held) == 3 and {os.path.basename(p) for p in held} == {"000.png"}  # the first of each defect by name
+    assert held.isdisjoint(s.image_path for s in real_test)
+    assert {s.mask_path for s in data.held_out}.isdisjoint(s.mask_path for s in real_test)
+    assert sum(s.is_anomaly for s in real_test) == 6 and sum(1 - s.is_anomaly for s in real_test) == 4
+    training = {p for ds in (data.normal, data.synthetic) for s in ds.samples for p in (s.image_path, s.mask_path) if p}
+    real_files = {p for s in real_test + data.held_out for p in (s.image_path, s.mask_path) if p}
+    assert training.isdisjoint(real_files)
+    everything = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "all")
+    assert len(everything.test) == REAL["n_test_good"] + REAL["n_test_defect"]
+    # the real dataset given as the synthetic folder is refused
+    with pytest.raises(segdata.DatasetError, match="real test set"):
+        segdata.load_class("mvtec", str(real_root), str(real_root), "texture", CROP, CROP, "third")
+
+
+def test_pixel_f1_iou_by_hand() -> None:
+    maps = torch.tensor([[[0.9, 0.8, 0.1], [0.7, 0.2, 0.3]]])
+    masks = torch.tensor([[[1.0, 0, 0], [1, 0, 1]]])
+    # thresholds 0.9: F1 2/4; 0.8: 2/5; 0.7: 4/6; 0.3: TP 3, FP 1, FN 0 -> F1 6/7, IoU 3/4; 0.2: 6/8; 0.1: 6/9
+    got = metrics.pixel_f1_iou(maps, masks)
+    assert got["pixel_f1_threshold"] == pytest.approx(0.3)
+    assert got["pixel_f1"] == pytest.approx(6 / 7) and got["pixel_iou"] == pytest.approx(3 / 4)
+    assert np.isnan(metrics.pixel_f1_iou(maps, torch.zeros_like(masks))["pixel_iou"])
+    # the row of a class: AU-PRO and image AUROC (map maximum) through the shared metrics
+    maps2 = torch.cat([maps, maps * 0.1])  # a normal image scoring below every threshold above: F1, IoU unchanged
+    masks2 = torch.cat([masks, torch.zeros_like(masks)])
+    row = evaluate.class_row(maps2.flatten(1).amax(1), maps2, torch.tensor([1, 0]), masks2, steps=7)
+    assert row["pixel_aupro"] == metrics.aupro(metrics.pixel_ground_truth(masks2), maps2)
+    assert row["image_auroc"] == 1.0 and row["pixel_iou"] == pytest.approx(3 / 4)
+    assert row["best_epoch"] == row["last_epoch"] == 7 and row["last_pixel_auroc"] == row["pixel_auroc"]
+
+
+def test_baseline_synthesis(real_root: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    mask = synthesis.perlin_mask((48, 40), rng)
+    assert mask.shape == (48, 40) and synthesis.MIN_AREA <= mask.mean() <= synthesis.MAX_AREA
+    image = np.full((48, 40, 3), 100, np.uint8)
+    out, m = synthesis.synthesize(image, np.full_like(image, 30), np.random.default_rng(1))
+    assert set(np.unique(m)) <= {0, 255} and (out[m == 0] == 100).all() and (out[m == 255] != 100).any()
+    for name in ("a", "b"):  # seeded: the same command writes the same files
+        args = ["--seed", "3", "synth-baseline", "mvtec", str(real_root), "-d", "texture", "--output",
+                str(tmp_path / name), "--count", "3", "--texture", "other"]
+        assert main.cli(args) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert [str(p) for p in files] == ["texture/ground_truth/perlin/0000_mask.png", "texture/ground_truth/perlin/0001_mask.png",
+                                       "texture/ground_truth/perlin/0002_mask.png", "texture/test/perlin/0000.png",
+                                       "texture/test/perlin/0001.png", "texture/test/perlin/0002.png"]
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in files)
+    # what segment reads from it: 3 anomalies with their (non-empty) masks, the real image size
+    samples = segdata.synthetic_samples(str(tmp_path / "a"), "texture")
+    assert len(samples) == 3 and all(Image.open(s.mask_path).size == (SIZE, SIZE) for s in samples)
+
+
+def test_segment_finds_matching_defects(trained: Path) -> None:
+    rows = {r["Row Names"]: r for r in csv.DictReader(open(trained / "results.csv"))}
+    row = rows["mvtec_texture"]
+    assert row["method"] == "segment" and row["setting"] == "easy:third"
+    assert float(row["pixel_auroc"]) > 0.9 and float(row["pixel_iou"]) > 0.3 and float(row["image_auroc"]) > 0.8
+    folder = job_folder(trained)
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert ckpt["complete"] and ckpt["kind"] == "segment" and len(ckpt["held_out"]) == 3
+    scores = list(csv.DictReader(open(folder / "scores.csv")))
+    assert len(scores) == 10 and all((folder / r["heatmap"]).is_file() for r in scores)
+    assert (trained / "report.html").is_file() and "pixel_iou" in (trained / "report.html").read_text()
+
+
+def test_predict_and_onnx_parity(trained: Path, real_root: Path, tmp_path: Path) -> None:
+    path = job_folder(trained) / "checkpoint.pt"
+    graph, _ = predict.load(str(path))
+    images = sorted((real_root / "texture" / "test").rglob("*.png"))
+    assert main.cli(["--gpu", "-1", "segment-predict", str(real_root / "texture" / "test"), "--checkpoint", str(path),
+                     "--output", str(tmp_path / "pred")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "predictions.csv")))
+    assert len(rows) == len(images)
+    # the map of predict = the network's map of the same input (same crop at the original size here: 64 -> 32)
+    transform = segdata.datasets.image_transform(CROP, CROP)
+    batch = torch.stack([transform(segdata.datasets.read_rgb(p)) for p in images])
+    with torch.no_grad():
+        scores, maps = graph(batch)
+    by_path = {r["path"]: r for r in rows}
+    for p, s, m in zip(images, scores, maps):
+        r = by_path[str(p)]
+        assert float(r["image_score"]) == pytest.approx(float(s), abs=1e-6)
+        mask = np.asarray(Image.open(tmp_path / "pred" / r["mask"]))
+        assert mask.shape == (SIZE, SIZE)
+        up = torch.nn.functional.interpolate(m[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
+        assert ((mask > 0) == (up > 0.5).numpy()).mean() > 0.99
+    assert main.cli(["segment-export", "--checkpoint", str(path), "--output", str(tmp_path / "seg.onnx")]) == 0
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
+    got_scores, got_maps = session.run(None, {"images": batch.numpy()})
+    assert np.abs(got_scores - scores.numpy()).max() < 1e-4 and np.abs(got_maps - maps.numpy()).max() < 1e-4
+
+
+def test_resume_is_exact(real_root: Path, easy_root: Path, tmp_path: Path) -> None:
+    data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
+    images = segdata.TrainImages(data.normal, data.synthetic)
+    config = train.SegmentConfig(encoder="efficientnet_lite0", encoder_weights="none", imagesize=CROP, resize=CROP,
+                                 steps=4, batch_size=2)
+    job = {"net": config.to_dict()}
+
+    def run(state: Path, stop_at: int | None = None) -> dict:
+        utils.set_seed(0)
+        model = networks.create(config.arch, config.encoder, config.encoder_weights)
+        hook = (lambda step: runstate.request_stop(signal.SIGTERM) if step == stop_at else None)
+        train.fit(model, images, config, job, 0, str(state), torch.device("cpu"), on_step=hook)
+        return model.state_dict()
+
+    whole = run(tmp_path / "whole.pt")
+    runstate.request_stop(0)
+    try:
+        with pytest.raises(runstate.Interrupted):
+            run(tmp_path / "stopped.pt", stop_at=2)
+    finally:
+        runstate.request_stop(0)
+    assert torch.load(tmp_path / "stopped.pt", weights_only=True)["step"] == 2
+    resumed = run(tmp_path / "stopped.pt")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    with pytest.raises(utils.UserError, match="another configuration"):
+        train.read(str(tmp_path / "stopped.pt"), {"net": {}})
+
+
+def _cli_error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    assert main.cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def segment(real: Path, synth: Path, *extra: str) -> list[str]:
+        return ["--gpu", "-1", "--results_path", str(tmp_path / "res"), "segment", "mvtec", str(real), "-d", "texture",
+                "--synthetic", str(synth), *TRAIN, *extra]
+
+    no_masks = Path(shutil.copytree(easy_root, tmp_path / "no_masks"))
+    shutil.rmtree(no_masks / "texture" / "ground_truth")
+    assert "ground_truth" in _cli_error(capsys, segment(real_root, no_masks))
+    resized = Path(shutil.copytree(easy_root, tmp_path / "resized"))
+    mask = next((resized / "texture" / "ground_truth").rglob("*.png"))
+    Image.open(mask).resize((SIZE // 2, SIZE // 2)).save(mask)
+    assert "must have its image's size" in _cli_error(capsys, segment(real_root, resized))
+    no_normals = Path(shutil.copytree(real_root, tmp_path / "no_normals"))
+    for image in (no_normals / "texture" / "train" / "good").iterdir():
+        image.unlink()
+    assert "no images" in _cli_error(capsys, segment(no_normals, easy_root))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    err = _cli_error(capsys, segment(real_root, easy_root, "--encoder", "resnet18", "--encoder_weights", "imagenet"))
+    assert "resnet18-" in err and "--encoder_weights" in err
+    assert "multiple of 32" in _cli_error(capsys, segment(real_root, easy_root, "--imagesize", "48", "--resize", "48"))
+    assert not (tmp_path / "res" / "models").exists()  # nothing trained or written for bad input
+    assert "checkpoint" in _cli_error(capsys, ["segment-export", "--checkpoint", str(mask),
+                                                               "--output", str(tmp_path / "x.onnx")])
