@@ -132,7 +132,7 @@ def run_all(run: SegmentRun) -> dict[str, dict]:
     """Every class and seed; rows by 'DATASET_CLASS' (+ ' seed N' with several seeds). Data of every class is
     checked before anything trains."""
     utils.check_writable_folder(run.results_path, "--results_path")
-    device = utils.pick_device(run.gpu)
+    device = utils.select_device(run.gpu)
     classes = {c: segdata.load_class(run.dataset, run.datapath, run.synthetic, c, run.config.resize,
                                      run.config.imagesize, run.anomaly_split) for c in run.classes}
     if not run.test_only and run.config.encoder_weights != networks.WEIGHTS_NONE:

@@ -119,7 +119,7 @@ def predict(opts: PredictOptions) -> int:
     graph, config = load(opts.checkpoint)
     items = collect_images(opts.inputs)
     utils.check_writable_folder(opts.output, "--output")
-    device = utils.pick_device(opts.gpu)
+    device = utils.select_device(opts.gpu)
     graph.to(device)
     net = config["net"]
     transform = image_transform(net["resize"], net["imagesize"])

@@ -114,14 +114,14 @@ def fit(model: torch.nn.Module, data: TrainImages, config: SegmentConfig, job_co
         if not saved.get("complete"):
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            runstate.set_rng_state(saved["rng"])
+            runstate.set_rng_state(saved["rng"], device)
             start, history = int(saved["step"]), list(saved["history"])
             LOG.info("resuming %s at step %d of %d", state_path, start, config.steps)
 
     def save(step: int) -> None:
         utils.save_torch({"format": FORMAT, "kind": KIND, "complete": False, "config": job_config, "step": step,
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "rng": runstate.rng_state(), "history": history}, state_path)
+                          "rng": runstate.rng_state(device), "history": history}, state_path)
 
     began, window = time.monotonic(), []
     for step, batch in enumerate(_loader(data, config, seed, start, num_workers), start=start):
