@@ -4,6 +4,7 @@ kill -9 and a resume, TensorBoard holds each step once (CPU, tiny data)."""
 from __future__ import annotations
 
 import csv
+import inspect
 import shutil
 from pathlib import Path
 
@@ -53,13 +54,18 @@ def stop_after(monkeypatch, steps: int) -> None:
     taken = {"n": 0}
     train_epoch = engine.train_epoch
 
-    def wrapped(method, optimizers, train, order, limit=-1, done=None, after_step=None):
+    def wrapped(*args, **kwargs):
+        bound = inspect.signature(train_epoch).bind(*args, **kwargs)
+        after_step = bound.arguments["after_step"]
+
         def hook(so_far):
             taken["n"] += 1
             if taken["n"] == steps:
                 runstate.request_stop(15)
             after_step(so_far)
-        return train_epoch(method, optimizers, train, order, limit, done, hook)
+
+        bound.arguments["after_step"] = hook
+        return train_epoch(*bound.args, **bound.kwargs)
 
     monkeypatch.setattr(engine, "train_epoch", wrapped)
 
