@@ -28,16 +28,16 @@ SYNTHETIC_SPLIT = "synthetic"
 
 @dataclass
 class ClassData:
-    """One class: normal training images, synthetic training images, the evaluated test set and what was held out."""
+    """One class: normal training images, synthetic training images, the evaluated test set and the synthesis part."""
 
     normal: AnomalyDataset
     synthetic: AnomalyDataset
     test: AnomalyDataset  # the evaluation part of the real test set
-    held_out: list[Sample]  # the synthesis part of the real anomalies (never used here)
+    synthesis_part: list[Sample]  # the real anomalies that trained the synthesis (excluded from the test unless 'all')
 
 
 def evaluation_samples(samples: list[Sample], mode: str) -> tuple[list[Sample], list[Sample]]:
-    """(evaluated samples in their original order, held-out synthesis-part anomalies) of a real test set."""
+    """(evaluated samples in their original order, the synthesis part's anomalies) of a real test set."""
     held: list[Sample] = []
     for defect in sorted({s.defect for s in samples if s.is_anomaly}):
         part, _ = split_anomalies([s for s in samples if s.is_anomaly and s.defect == defect], mode,
@@ -84,7 +84,8 @@ def load_class(dataset: str, datapath: str, synthetic: str, classname: str, resi
     _check_no_leak(synth, test.samples)
     make = lambda split, samples: AnomalyDataset(dataset, classname, split, samples, train.resize, imagesize,
                                                  test.binarize_mask, test.layout, True)
-    return ClassData(normal=train, synthetic=make(SYNTHETIC_SPLIT, synth), test=make("test", evaluated), held_out=held)
+    return ClassData(normal=train, synthetic=make(SYNTHETIC_SPLIT, synth), test=make("test", evaluated),
+                     synthesis_part=held)
 
 
 class TrainImages(torch.utils.data.ConcatDataset):

@@ -104,7 +104,7 @@ def _trained(run: SegmentRun, classdata: segdata.ClassData, seed: int, folder: s
     ckpt = {"format": train.FORMAT, "kind": train.KIND, "complete": True, "config": config,
             "model": {k: v.cpu() for k, v in model.state_dict().items()}, "history": history,
             "train_seconds": time.monotonic() - began, "torch_version": str(torch.__version__),
-            "held_out": [s.image_path for s in classdata.held_out]}
+            "synthesis_part": [s.image_path for s in classdata.synthesis_part]}
     utils.save_torch(ckpt, path)
     utils.save_text(_loss_csv(history), os.path.join(folder, LOSS_LOG_NAME))
     return model, ckpt
@@ -114,9 +114,10 @@ def run_job(run: SegmentRun, classname: str, classdata: segdata.ClassData, seed:
     """Train (or reuse) and test one class and seed; its metrics row."""
     folder, config = run.folder(classname, seed), run.job_config(classname, seed)
     name = f"{run.dataset}_{classname}"
-    LOG.info("=== SEGMENT %s seed %d (%s; %d normal + %d synthetic training images, %d test images, %d anomalies held "
-             "out for the synthesis)", name, seed, device, len(classdata.normal), len(classdata.synthetic),
-             len(classdata.test), len(classdata.held_out))
+    excluded = "also tested: --anomaly_split all" if run.anomaly_split == "all" else "not tested"
+    LOG.info("=== SEGMENT %s seed %d (%s; %d normal + %d synthetic training images, %d test images; %d anomalies in the "
+             "synthesis part, %s)", name, seed, device, len(classdata.normal), len(classdata.synthetic),
+             len(classdata.test), len(classdata.synthesis_part), excluded)
     _record(run, folder, config)
     model, _ = _trained(run, classdata, seed, folder, config, device)
     graph = networks.ScoreGraph(model)
@@ -135,6 +136,12 @@ def run_all(run: SegmentRun) -> dict[str, dict]:
     device = utils.select_device(run.gpu)
     classes = {c: segdata.load_class(run.dataset, run.datapath, run.synthetic, c, run.config.resize,
                                      run.config.imagesize, run.anomaly_split) for c in run.classes}
+    for seed in run.seeds:  # checkpoints of another configuration, or missing for --test test: fail now
+        for classname in classes:
+            path = os.path.join(run.folder(classname, seed), CHECKPOINT_NAME)
+            saved = train.read(path, run.job_config(classname, seed)) if os.path.exists(path) else {}
+            if run.test_only and not saved.get("complete"):
+                raise UserError(f"--test test: no finished checkpoint at {path}; train it first with --test ckpt")
     if not run.test_only and run.config.encoder_weights != networks.WEIGHTS_NONE:
         networks.encoder_state(run.config.encoder, run.config.encoder_weights)  # a missing file fails now
     rows = {}

@@ -46,3 +46,29 @@ cras_cmd() {  # cras_cmd DATASET multi|single CLASS...   (CRAS release: multi bs
 
 run_release() { release_cmd "$@" && "${CMD[@]}"; }  # run_release DATASET CLASS...
 run_cras() { cras_cmd "$@" && "${CMD[@]}"; }  # run_cras DATASET multi|single CLASS...
+
+# Segmentation trained on synthetic anomalies (README "Segmentation"): synth_cmd writes the Perlin baseline to
+# SYNTH/perlin; segment_cmd trains and tests the segmenter on SYNTH/SOURCE (perlin, or panda as written by
+# panda-generate). SYNTH defaults to RESULTS/synthetic; SPLIT (--anomaly_split, default third), STEPS (4000),
+# ENCODER (resnet34: its torchvision file must be in $TORCH_HOME/hub/checkpoints), ARCH (unet), COUNT (500).
+# Seed: main.py's default 0, or --seed N among the extra arguments (one --seed for synth-baseline).
+SYNTH="$(realpath -m "${SYNTH:-$RESULTS/synthetic}")"
+synth_cmd() {  # synth_cmd DATASET CLASS...
+  local dataset="$1"; shift
+  local classes=()
+  for c in "$@"; do classes+=(-d "$c"); done
+  CMD=(python3 main.py --gpu "${GPU:-0}" "${EXTRA_ARGS[@]}"
+    synth-baseline "$dataset" "$DATAPATH" "${classes[@]}" --output "$SYNTH/perlin" --count "${COUNT:-500}")
+}
+
+segment_cmd() {  # segment_cmd DATASET SOURCE CLASS...
+  local dataset="$1" source="$2"; shift 2
+  local classes=()
+  for c in "$@"; do classes+=(-d "$c"); done
+  CMD=(python3 main.py --gpu "${GPU:-0}" --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}"
+    segment "$dataset" "$DATAPATH" "${classes[@]}" --synthetic "$SYNTH/$source" --anomaly_split "${SPLIT:-third}"
+      --arch "${ARCH:-unet}" --encoder "${ENCODER:-resnet34}" --steps "${STEPS:-4000}")
+}
+
+run_synth() { synth_cmd "$@" && "${CMD[@]}"; }  # run_synth DATASET CLASS...
+run_segment() { segment_cmd "$@" && "${CMD[@]}"; }  # run_segment DATASET SOURCE CLASS...

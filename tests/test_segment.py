@@ -23,7 +23,7 @@ from segment import evaluate, networks, predict, synthesis, train
 
 SIZE = 64  # generated images
 CROP = 32  # network input
-# the real class: 3 defect types x 3 anomalies (1 each held out for the synthesis by --anomaly_split third)
+# the real class: 3 defect types x 3 anomalies (the first of each is the synthesis part with --anomaly_split third)
 REAL = {"n_train": 8, "n_test_good": 4, "n_test_defect": 9}
 # 'easy' synthetic anomalies: the same generator (other seed), so they match the real defects
 EASY = {"n_train": 1, "n_test_good": 1, "n_test_defect": 24}
@@ -62,13 +62,13 @@ def job_folder(results: Path) -> Path:
 def test_split_never_leaks(real_root: Path, easy_root: Path) -> None:
     data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
     real_test = [s for s in data.test.samples]
-    held = {s.image_path for s in data.held_out}
+    held = {s.image_path for s in data.synthesis_part}
     assert len(held) == 3 and {os.path.basename(p) for p in held} == {"000.png"}  # the first of each defect by name
     assert held.isdisjoint(s.image_path for s in real_test)
-    assert {s.mask_path for s in data.held_out}.isdisjoint(s.mask_path for s in real_test)
+    assert {s.mask_path for s in data.synthesis_part}.isdisjoint(s.mask_path for s in real_test)
     assert sum(s.is_anomaly for s in real_test) == 6 and sum(1 - s.is_anomaly for s in real_test) == 4
     training = {p for ds in (data.normal, data.synthetic) for s in ds.samples for p in (s.image_path, s.mask_path) if p}
-    real_files = {p for s in real_test + data.held_out for p in (s.image_path, s.mask_path) if p}
+    real_files = {p for s in real_test + data.synthesis_part for p in (s.image_path, s.mask_path) if p}
     assert training.isdisjoint(real_files)
     everything = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "all")
     assert len(everything.test) == REAL["n_test_good"] + REAL["n_test_defect"]
@@ -122,7 +122,7 @@ def test_segment_finds_matching_defects(trained: Path) -> None:
     assert float(row["pixel_auroc"]) > 0.9 and float(row["pixel_iou"]) > 0.3 and float(row["image_auroc"]) > 0.8
     folder = job_folder(trained)
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
-    assert ckpt["complete"] and ckpt["kind"] == "segment" and len(ckpt["held_out"]) == 3
+    assert ckpt["complete"] and ckpt["kind"] == "segment" and len(ckpt["synthesis_part"]) == 3
     scores = list(csv.DictReader(open(folder / "scores.csv")))
     assert len(scores) == 10 and all((folder / r["heatmap"]).is_file() for r in scores)
     assert (trained / "report.html").is_file() and "pixel_iou" in (trained / "report.html").read_text()
@@ -213,6 +213,7 @@ def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pyt
     err = _cli_error(capsys, segment(real_root, easy_root, "--encoder", "resnet18", "--encoder_weights", "imagenet"))
     assert "resnet18-" in err and "--encoder_weights" in err
     assert "multiple of 32" in _cli_error(capsys, segment(real_root, easy_root, "--imagesize", "48", "--resize", "48"))
+    assert "--test test: no finished checkpoint" in _cli_error(capsys, ["--test", "test", *segment(real_root, easy_root)])
     assert not (tmp_path / "res" / "models").exists()  # nothing trained or written for bad input
     assert "checkpoint" in _cli_error(capsys, ["segment-export", "--checkpoint", str(mask),
                                                                "--output", str(tmp_path / "x.onnx")])

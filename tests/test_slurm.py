@@ -107,3 +107,23 @@ def test_local_runner_runs_every_task_in_order(tmp_path: Path):
     done = subprocess.run(["bash", str(SLURM / "run-local.sh"), str(tmp_path / "sweep.tsv")], env=interrupted,
                           capture_output=True)
     assert done.returncode == 143 and len(calls(tmp_path)) == 1  # stops at the interrupted task
+
+
+def test_segmentation_stages(tmp_path: Path):
+    """synth perlin and segment SOURCE lines: one per class and seed, run with SYNTH/SOURCE as the synthetic folder."""
+    table = tmp_path / "seg.tsv"
+    with open(table, "w") as f:
+        for args in (["synth", "perlin", "btad", "/data/btad", "0", "01 02"], ["segment", "panda", "btad", "/data/btad", "1", "02"]):
+            subprocess.run(["bash", str(SLURM / "make_table.sh"), *args], stdout=f, check=True)
+    assert [line.split("\t")[:6] for line in table.read_text().splitlines()] == [
+        ["synth", "perlin", "btad", "/data/btad", "0", "01"], ["synth", "perlin", "btad", "/data/btad", "0", "02"],
+        ["segment", "panda", "btad", "/data/btad", "1", "02"]]
+    for task in (1, 2):
+        env = stub_env(tmp_path, TABLE=str(table), SLURM_ARRAY_TASK_ID=str(task), SYNTH="/s")
+        subprocess.run(["bash", str(SLURM / "task.sh")], env=env, check=True, capture_output=True)
+    synth, segment = calls(tmp_path)
+    assert synth == "main.py --gpu 0 --seed 0 synth-baseline btad /data/btad -d 02 --output /s/perlin --count 500"
+    assert segment.startswith("main.py --gpu 0 --test ckpt --results_path") and "--seed 1 segment btad /data/btad -d 02" in segment
+    assert "--synthetic /s/panda --anomaly_split third --arch unet --encoder resnet34 --steps 4000" in segment
+    bad = subprocess.run(["bash", str(SLURM / "make_table.sh"), "segment", "a/b", "btad", "/d", "0"], capture_output=True)
+    assert bad.returncode == 2

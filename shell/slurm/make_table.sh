@@ -2,6 +2,9 @@
 # Print a sweep table for shell/slurm/task.sh: one line per array task, tab-separated:
 #   METHOD  SETTING  DATASET  DATAPATH  SEED  CLASSES (comma-separated)  [extra main.py options, space-separated]
 # PBAS and CRAS single: one line per class and seed; CRAS multi: one line per seed (all classes, one model).
+# Segmentation stages (README "Segmentation"), one line per class and seed: synth perlin (the baseline synthesis
+# into SYNTH/perlin), segment SOURCE (train + test on SYNTH/SOURCE, e.g. perlin or panda).
+#   bash shell/slurm/make_table.sh synth perlin mvtec /data/mvtec 0 > synth.tsv   (one seed: it writes one folder)
 #   bash shell/slurm/make_table.sh pbas single mvtec /data/mvtec "0 1 2" > sweep.tsv
 #   bash shell/slurm/make_table.sh cras multi mvtec /data/mvtec "0 1 2" >> sweep.tsv
 #   bash shell/slurm/make_table.sh cras single visa /data/visa 0 "candle pcb1" "--precision bf16" >> sweep.tsv
@@ -9,13 +12,14 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ $# -lt 5 || $# -gt 7 ]]; then
-  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 method="$1" setting="$2" dataset="$3" datapath="$4" seeds="$5" classes="${6:-}" extra="${7:-}"
 case "$method/$setting" in
-  pbas/single|cras/single|cras/multi) ;;
-  *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single or cras/multi, got $method/$setting" >&2; exit 2 ;;
+  pbas/single|cras/single|cras/multi|synth/perlin) ;;
+  segment/*) [[ "$setting" =~ ^[A-Za-z0-9_.]+$ ]] || { echo "make_table.sh: segment's SETTING is a synthetic folder name under SYNTH (perlin, panda), got '$setting'" >&2; exit 2; } ;;
+  *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single, cras/multi, synth/perlin or segment/SOURCE, got $method/$setting" >&2; exit 2 ;;
 esac
 if [[ -z "$classes" ]]; then
   # the official class lists of datasets/base.py, read without importing the package (no torch start-up)

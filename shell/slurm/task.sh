@@ -20,6 +20,8 @@ IFS=',' read -r -a class_list <<< "$classes"
 case "$method" in
   pbas) release_cmd "$dataset" "${class_list[@]}" ;;
   cras) cras_cmd "$dataset" "$setting" "${class_list[@]}" ;;
+  synth) synth_cmd "$dataset" "${class_list[@]}" ;;
+  segment) segment_cmd "$dataset" "$setting" "${class_list[@]}" ;;
   *) echo "task.sh: unknown method '$method' in line $SLURM_ARRAY_TASK_ID of $TABLE" >&2; exit 2 ;;
 esac
 echo "task $SLURM_ARRAY_TASK_ID: $method $setting $dataset seed $seed: $classes" >&2
