@@ -46,6 +46,7 @@ from datasets.split import ANOMALY_SPLITS
 from segment import networks as segment_networks
 from segment import synthesis as segment_synthesis
 from segment import train as segment_train
+from panda import data as panda_data
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
@@ -975,6 +976,114 @@ def segment_export_command(checkpoint: str, output: str) -> tuple[str, object]:
     from segment import predict
 
     return "segment-export", lambda _: predict.export(checkpoint, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# PANDA (anomaly synthesis; panda/): panda-train, panda-generate
+# ----------------------------------------------------------------------------------------------
+
+PANDA_SEED = 3407  # the public code's seed: PANDA's default when the global --seed is not given
+PANDA_DATA_HELP = ("mvtec (MVTec AD, 73 defect types), btad (defect ko) or folder (own data: CLASS/train/, "
+                   "CLASS/test/LABEL/, CLASS/masks/LABEL/ or ground_truth/LABEL/; the PANDA README's 'custom').")
+PANDA_JOBS_HELP = ("One model per (class, defect): every -d class (default: the dataset's 15 MVTec AD or 3 BTAD "
+                   "classes) times every --defect (default: all defect types of each class).")
+
+
+def panda_options(g: dict) -> tuple[int, torch.device]:
+    """(seed, device) of a PANDA command: one global --seed (default PANDA_SEED), the first --gpu."""
+    root = click.get_current_context().find_root()
+    seeds = g["seed"] if root.get_parameter_source("seed") == ParameterSource.COMMANDLINE else (PANDA_SEED,)
+    if len(seeds) != 1:
+        raise UserError(f"PANDA commands take one --seed, got {len(seeds)}")
+    return seeds[0], utils.pick_device(g["gpu"][0] if g["gpu"] else None)
+
+
+def panda_data_options(command):
+    """DATAPATH, --dataset, -d, --defect and --ldm, shared by panda-train and panda-generate."""
+    for decorator in reversed((
+            click.argument("data_path", type=str),
+            click.option("--dataset", type=click.Choice(panda_data.DATASETS), default="mvtec", help=PANDA_DATA_HELP),
+            click.option("-d", "--subdatasets", "classes", multiple=True, help=f"Class (repeat). {PANDA_JOBS_HELP}"),
+            click.option("--defect", "defects", multiple=True, help="Defect type (repeat); default: every one."),
+            click.option("--ldm", required=True, type=str,
+                         help="Folder of the LDM in the diffusers layout of CompVis/ldm-text2im-large-256 (unet/, "
+                              "vqvae/, bert/, tokenizer/); never downloaded."))):
+        command = decorator(command)
+    return command
+
+
+@main.command("panda-train", cls=InterspersedCommand, context_settings=CONTEXT)
+@panda_data_options
+@click.option("--steps", type=int, default=80_000, help="Training steps per (class, defect) (the public max_steps).")
+@click.option("--batch_size", type=int, default=8, help="Pairs per step.")
+@click.option("--lr", type=float, default=1.6e-2, help="AdamW learning rate (the public 2e-3 x batch 8).")
+@click.option("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
+@click.option("--save_every", type=int, default=1500, help="Save checkpoint.pt and weights-STEP.pt every N steps.")
+@click.option("--imagesize", type=int, default=256, help="Images and masks are resized to S x S (latents S/8).")
+@click.option("--init_word", type=str, default=None, show_default="the defect name's last word (broken_large: large)",
+              help="Word whose embedding initialises the 4 vectors of '*'.")
+@click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
+              help="third: the first third of each defect's anomalies (by name) trains PANDA and gives the masks of "
+                   "generation, two thirds stay for evaluation; all: every anomaly (the public code).")
+def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], defects: tuple[str, ...], ldm: str,
+                        **options: object) -> tuple[str, object]:
+    """PANDA: train one model (textual-inversion vectors + two MGA adapters, frozen LDM) per (class, defect).
+
+    Writes RESULTS/panda/DATASET_CLASS/DEFECT/seedN/{checkpoint.pt, weights-STEP.pt, losses.csv} (global
+    --results_path, --seed (default 3407 here), --gpu, --precision fp32|bf16). A stopped run (SIGTERM/SIGINT)
+    saves its state; the same command resumes it; finished models are skipped.
+    """
+
+    def run_tool(g: dict) -> int:
+        from panda import train
+
+        seed, device = panda_options(g)
+        jobs = train.plan(dataset, data_path, classes, defects, str(options["anomaly_split"]))
+        configs = [train.TrainConfig(dataset, job.classname, job.defect,
+                                     init_word=options["init_word"] or train.default_init_word(job.defect),
+                                     seed=seed, precision=g["precision"],
+                                     **{k: v for k, v in options.items() if k != "init_word"}) for job in jobs]
+        for path in train.run_training(configs, jobs, ldm, g["results_path"], device):
+            LOG.info("trained: %s", path)
+        return 0
+
+    return "panda-train", run_tool
+
+
+@main.command("panda-generate", cls=InterspersedCommand, context_settings=CONTEXT)
+@panda_data_options
+@click.option("--output", type=str, default=None, show_default="RESULTS/synthetic/panda (where segment --synthetic finds source panda)",
+              help="Folder of the generated dataset (MVTec AD layout).")
+@click.option("--pairs", type=int, default=2000, help="Image + mask pairs per (class, defect).")
+@click.option("--batch_size", type=int, default=8, help="Pairs per sampler batch (larger on a GPU).")
+@click.option("--checkpoint", type=str, default=None,
+              show_default="RESULTS/panda/DATASET_CLASS/DEFECT/seedN/checkpoint.pt",
+              help="A PANDA checkpoint.pt or weights-STEP.pt (one class and defect only).")
+@click.option("--step", type=int, default=None, show_default="the last",
+              help="Use weights-STEP.pt of the job folder instead of checkpoint.pt.")
+def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...], defects: tuple[str, ...], ldm: str,
+                           output: str | None, pairs: int, batch_size: int, checkpoint: str | None,
+                           step: int | None) -> tuple[str, object]:
+    """PANDA: generate image + mask pairs per (class, defect) with trained models (1000-step sampler).
+
+    Each pair: a random normal training image and a random mask of the defect's training third (seeded by
+    the global --seed, default 3407). Writes OUTPUT/CLASS/test/DEFECT/NNNN.png,
+    OUTPUT/CLASS/ground_truth/DEFECT/NNNN_mask.png, OUTPUT/CLASS/preview/DEFECT.png. A stopped run continues
+    where it stopped.
+    """
+
+    def run_tool(g: dict) -> int:
+        from panda import generate
+
+        seed, device = panda_options(g)
+        names = classes or panda_data.default_classes(dataset)
+        jobs = [(c, d) for c in names for d in (defects or panda_data.defect_types(dataset, data_path, c))]
+        out = output or os.path.join(g["results_path"], "synthetic", "panda")
+        generate.run_generation(dataset, data_path, jobs, checkpoint, step, g["results_path"], out, pairs, batch_size,
+                                seed, ldm, g["precision"], device)
+        return 0
+
+    return "panda-generate", run_tool
 
 
 def checkpoint_method(g: dict) -> dict[str, type[Method]]:

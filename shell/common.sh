@@ -1,10 +1,14 @@
 # Shared by the run-*.sh scripts: resolve paths, then run main.py from the repository root
-# with the release's configuration: run_release (PBAS, PBAS_SPEC section 8), run_cras (CRAS, CRAS_SPEC 1.3).
+# with the release's configuration: run_release (PBAS, PBAS_SPEC section 8), run_cras (CRAS, CRAS_SPEC 1.3),
+# run_panda (PANDA, public defaults: PANDA_SPEC sections 3-4).
 #   DATAPATH   dataset root (required)
 #   TEST       ckpt (train, then test; default) or test (evaluate saved checkpoints only)
 #   GPU        GPU id (default 0; the CPU is used when CUDA is unavailable)
 #   RESULTS    results folder (default: results/ in the repository)
 #   EPOCHS     training epochs (default: PBAS 640; CRAS 100 multi, 640 single, as the releases)
+#   LDM        PANDA only: the LDM folder (diffusers layout of CompVis/ldm-text2im-large-256; required)
+#   PANDA_STEPS  PANDA: training steps per (class, defect) (default 80000); PANDA_PAIRS: pairs generated (2000);
+#              the pairs go to SYNTH/panda (below), the anomaly split is SPLIT's (default third)
 # Extra arguments to the script are passed to main.py before the subcommands (e.g. --precision bf16).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +46,30 @@ cras_cmd() {  # cras_cmd DATASET multi|single CLASS...   (CRAS release: multi bs
         --noise 0.015 --k 0.3 --limit -1
     dataset --setting "$setting" --batch_size "$batch" --resize 329 --imagesize 288 "${classes[@]}"
         "$dataset" "$DATAPATH")
+}
+
+panda_cmd() {  # panda_cmd train|generate DATASET CLASS [DEFECT]   (PANDA: one model per (class, defect))
+  local what="$1" dataset="$2" class="$3" defect="${4:-}"
+  : "${LDM:?set LDM to the LDM folder (diffusers layout of CompVis/ldm-text2im-large-256)}"
+  local options=()
+  [[ -n "$defect" ]] && options+=(--defect "$defect")
+  case "$what" in
+    train) options+=(--anomaly_split "${SPLIT:-third}")
+           [[ -n "${PANDA_STEPS:-}" ]] && options+=(--steps "$PANDA_STEPS") ;;
+    generate) options+=(--output "$SYNTH/panda")
+              [[ -n "${PANDA_PAIRS:-}" ]] && options+=(--pairs "$PANDA_PAIRS") ;;
+    *) echo "panda_cmd: train or generate, got '$what'" >&2; return 2 ;;
+  esac
+  CMD=(python3 main.py --gpu "${GPU:-0}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}"
+    "panda-$what" --dataset "$dataset" --ldm "$(realpath -m "$LDM")" -d "$class" "${options[@]}" "$DATAPATH")
+}
+
+run_panda() {  # run_panda DATASET CLASS...: per class, train every defect type, then generate its pairs
+  local dataset="$1"; shift
+  for c in "$@"; do
+    panda_cmd train "$dataset" "$c" && "${CMD[@]}"
+    panda_cmd generate "$dataset" "$c" && "${CMD[@]}"
+  done
 }
 
 run_release() { release_cmd "$@" && "${CMD[@]}"; }  # run_release DATASET CLASS...

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Print a sweep table for shell/slurm/task.sh: one line per array task, tab-separated:
 #   METHOD  SETTING  DATASET  DATAPATH  SEED  CLASSES (comma-separated)  [extra main.py options, space-separated]
-# PBAS and CRAS single: one line per class and seed; CRAS multi: one line per seed (all classes, one model).
+# PBAS and CRAS single: one line per class and seed; CRAS multi: one line per seed (all classes, one model);
+# PANDA (panda single): one line per class, defect type and seed, CLASSES = CLASS:DEFECT (MVTec AD: its 73 defect
+# types; BTAD: ko; other datasets: the anomalous folders of DATAPATH/CLASS/test/); it writes SYNTH/panda.
 # Segmentation stages (README "Segmentation"), one line per class and seed: synth perlin (the baseline synthesis
 # into SYNTH/perlin), segment SOURCE (train + test on SYNTH/SOURCE, e.g. perlin or panda).
 #   bash shell/slurm/make_table.sh synth perlin mvtec /data/mvtec 0 > synth.tsv   (one seed: it writes one folder)
 #   bash shell/slurm/make_table.sh pbas single mvtec /data/mvtec "0 1 2" > sweep.tsv
+#   bash shell/slurm/make_table.sh panda single mvtec /data/mvtec 3407 > panda.tsv
 #   bash shell/slurm/make_table.sh cras multi mvtec /data/mvtec "0 1 2" >> sweep.tsv
 #   bash shell/slurm/make_table.sh cras single visa /data/visa 0 "candle pcb1" "--precision bf16" >> sweep.tsv
 # Arguments: METHOD SETTING DATASET DATAPATH SEEDS [CLASSES (default: the dataset's official classes)] [EXTRA]
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ $# -lt 5 || $# -gt 7 ]]; then
-  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 method="$1" setting="$2" dataset="$3" datapath="$4" seeds="$5" classes="${6:-}" extra="${7:-}"
 case "$method/$setting" in
-  pbas/single|cras/single|cras/multi|synth/perlin) ;;
+  pbas/single|cras/single|cras/multi|synth/perlin|panda/single) ;;
   segment/*) [[ "$setting" =~ ^[A-Za-z0-9_.]+$ ]] || { echo "make_table.sh: segment's SETTING is a synthetic folder name under SYNTH (perlin, panda), got '$setting'" >&2; exit 2; } ;;
-  *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single, cras/multi, synth/perlin or segment/SOURCE, got $method/$setting" >&2; exit 2 ;;
+  *) echo "make_table.sh: METHOD/SETTING must be pbas/single, cras/single, cras/multi, synth/perlin, panda/single or segment/SOURCE, got $method/$setting" >&2; exit 2 ;;
 esac
 if [[ -z "$classes" ]]; then
   # the official class lists of datasets/base.py, read without importing the package (no torch start-up)
@@ -33,6 +36,31 @@ PY
 )" && [[ -n "$classes" ]] || { echo "make_table.sh: unknown dataset '$dataset' or no class list; give its classes as the 6th argument" >&2; exit 2; }
 fi
 datapath="$(realpath -m "$datapath")"
+panda_defects() {  # panda_defects CLASS: its defect types (panda/data.py's MVTec AD table, BTAD ko, else on disk)
+  case "$dataset" in
+    mvtec) python3 - "$REPO/panda/data.py" "$1" <<'PY'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read())
+node = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "MVTEC_DEFECTS")
+print(" ".join(ast.literal_eval(node)[sys.argv[2]]))
+PY
+    ;;
+    btad) echo ko ;;
+    *) find "$datapath/$1/test" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' 2>/dev/null \
+         | grep -viE '^(good|normal|ok)$' | sort | tr '\n' ' ' ;;
+  esac
+}
+if [[ "$method" == panda ]]; then
+  for seed in $seeds; do
+    for c in $classes; do
+      defects="$(panda_defects "$c")" && [[ -n "${defects// /}" ]] || { echo "make_table.sh: no defect types of class '$c' of $dataset" >&2; exit 2; }
+      for d in $defects; do
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$method" "$setting" "$dataset" "$datapath" "$seed" "$c:$d" "$extra"
+      done
+    done
+  done
+  exit 0
+fi
 for seed in $seeds; do
   if [[ "$setting" == multi ]]; then
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$method" "$setting" "$dataset" "$datapath" "$seed" "$(tr ' ' ',' <<< "$classes")" "$extra"

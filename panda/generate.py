@@ -1,0 +1,202 @@
+"""Generating anomaly image + mask pairs with a trained PANDA model (PANDA_SPEC section 4), written in the
+MVTec AD layout so that every dataset reader of the project reads them:
+
+    OUT/CLASS/test/DEFECT/NNNN.png               synthetic anomalous image (S x S)
+    OUT/CLASS/ground_truth/DEFECT/NNNN_mask.png  its mask, 0/255 (the binarised S x S mask the model was given)
+    OUT/CLASS/preview/DEFECT.png                 the first pairs as rows [normal | mask | synthetic]
+    OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, seed, pairs, batch size
+
+Each pair takes a random normal training image and a random mask of the defect's synthesis part (both drawn
+with replacement, as the public code, but seeded: NumPy SeedSequence [seed, SELECT_STREAM]); batch b samples
+with a torch generator seeded by [seed, SAMPLE_STREAM, b]. A stopped generation run again continues with the
+first batch not written, and writes the same pairs as an uninterrupted one (each file is written atomically).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+import runstate
+import utils
+from panda.data import DefectData, collect, load_image, load_mask
+from panda.noise import GeneratorNoise
+from panda.train import (CHECKPOINT_NAME, WEIGHTS_NAME, TrainConfig, build_model, check_job, file_names, job_folder,
+                         read_checkpoint)
+from utils import UserError
+
+LOG = logging.getLogger("pbas")
+SELECT_STREAM = 2  # SeedSequence entropy [seed, SELECT_STREAM]: the (normal image, mask) of every pair
+SAMPLE_STREAM = 3  # [seed, SAMPLE_STREAM, batch]: the sampler's noise of each batch
+PREVIEW_PAIRS = 4
+MIN_DIGITS = 4  # NNNN
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How many pairs, in which batches, under which seed, from which checkpoint (and its step)."""
+
+    pairs: int
+    batch_size: int
+    seed: int
+    checkpoint: str
+    step: int
+
+    def check(self) -> None:
+        if self.pairs <= 0 or self.batch_size <= 0:
+            raise UserError(f"--pairs and --batch_size must be positive, got {self.pairs} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the pairs of one (class, defect) go under OUT."""
+
+    out: str
+    classname: str
+    defect: str
+    pairs: int
+
+    @property
+    def class_dir(self) -> str:
+        return os.path.join(self.out, self.classname)
+
+    def image(self, i: int) -> str:
+        return os.path.join(self.class_dir, "test", self.defect, f"{i:0{self.digits}d}.png")
+
+    def mask(self, i: int) -> str:
+        return os.path.join(self.class_dir, "ground_truth", self.defect, f"{i:0{self.digits}d}_mask.png")
+
+    @property
+    def preview(self) -> str:
+        return os.path.join(self.class_dir, "preview", f"{self.defect}.png")
+
+    @property
+    def record(self) -> str:
+        return os.path.join(self.class_dir, f"panda-{self.defect}.json")
+
+    @property
+    def digits(self) -> int:
+        return max(MIN_DIGITS, len(str(self.pairs - 1)))
+
+
+def selection(seed: int, pairs: int, normals: int, masks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(normal image index [pairs], mask index [pairs]), drawn with replacement."""
+    rng = np.random.default_rng([seed, SELECT_STREAM])
+    return rng.integers(normals, size=pairs), rng.integers(masks, size=pairs)
+
+
+def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
+    """The sampler's noise generator of batch ``batch``."""
+    state = np.random.SeedSequence([seed, SAMPLE_STREAM, batch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, S, S] in [-1, 1] -> uint8 [B, S, S, 3]."""
+    scaled = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def check_record(layout: Layout, record: dict) -> None:
+    """UserError when OUT already holds pairs of this defect from another generation (checkpoint, step, seed,
+    count or batch size), which a continued run would mix with these."""
+    if not os.path.exists(layout.record):
+        return
+    saved = utils.read_json(layout.record)
+    if saved != record:
+        keys = sorted(k for k in record if saved.get(k) != record[k])
+        raise UserError(f"{layout.record}: {layout.class_dir} holds pairs of {layout.defect} from another generation "
+                        f"(different {', '.join(keys) or 'record'}); choose another --output or remove them")
+
+
+def generate(model, data: DefectData, imagesize: int, out: str, options: GenerateOptions,
+             device: torch.device) -> Layout:
+    """Write ``options.pairs`` pairs of ``data``'s (class, defect) under ``out``; batches already written are
+    kept. Raises runstate.Interrupted when a stop is
+    requested between batches."""
+    layout = Layout(out, data.classname, data.defect, options.pairs)
+    record = {"method": "panda", "dataset": data.dataset, "class": data.classname, "defect": data.defect,
+              **{k: v for k, v in asdict(options).items() if k != "checkpoint"},
+              "checkpoint": os.path.abspath(options.checkpoint), "imagesize": imagesize,
+              "masks": [os.path.basename(path) for path in data.masks]}
+    check_record(layout, record)
+    utils.save_json(record, layout.record)
+    chosen_images, chosen_masks = selection(options.seed, options.pairs, len(data.normals), len(data.masks))
+    masks = torch.stack([load_mask(path, imagesize) for path in data.masks])  # [M, 1, S, S] in {0, 1}
+    starts = range(0, options.pairs, options.batch_size)
+    for batch, start in enumerate(utils.progress(starts, data.name, total=len(starts))):
+        index = list(range(start, min(start + options.batch_size, options.pairs)))
+        if all(os.path.exists(layout.image(i)) and os.path.exists(layout.mask(i)) for i in index):
+            continue
+        clean = torch.stack([load_image(data.normals[chosen_images[i]], imagesize) for i in index])  # [B, 3, S, S]
+        mask = masks[torch.as_tensor(chosen_masks[index])]  # [B, 1, S, S]
+        with torch.no_grad():
+            synthetic = model.sample(clean.to(device), mask.to(device), [data.name] * len(index),
+                                     GeneratorNoise(batch_generator(options.seed, batch, device)))
+        for i, image, m in zip(index, to_uint8(synthetic), mask):
+            utils.save_png(image, layout.image(i))
+            utils.save_png((m[0].numpy() * 255).astype(np.uint8), layout.mask(i))
+        if runstate.stop_requested() and start + options.batch_size < options.pairs:
+            raise runstate.Interrupted(runstate.stop_requested())
+    write_preview(layout, data, chosen_images, imagesize)
+    return layout
+
+
+def write_preview(layout: Layout, data: DefectData, chosen_images: np.ndarray, imagesize: int) -> None:
+    """OUT/CLASS/preview/DEFECT.png: one row [normal | mask | synthetic] per pair of the first PREVIEW_PAIRS."""
+    rows = []
+    for i in range(min(PREVIEW_PAIRS, layout.pairs)):
+        normal = to_uint8(load_image(data.normals[chosen_images[i]], imagesize)[None])[0]
+        mask = Image.open(layout.mask(i)).convert("RGB")
+        synthetic = Image.open(layout.image(i)).convert("RGB")
+        rows.append(np.concatenate([normal, np.asarray(mask), np.asarray(synthetic)], axis=1))
+    utils.save_png(np.concatenate(rows, axis=0), layout.preview)
+
+
+def source_checkpoint(results: str, dataset: str, classname: str, defect: str, seed: int, step: int | None) -> str:
+    """The default checkpoint of a job: RESULTS/panda/DATASET_CLASS/DEFECT/seedN/checkpoint.pt, or its
+    weights-STEP.pt with --step."""
+    config = TrainConfig(dataset, classname, defect, init_word="", seed=seed)
+    name = CHECKPOINT_NAME if step is None else WEIGHTS_NAME.format(step)
+    return os.path.join(job_folder(results, config), name)
+
+
+def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpoint: str | None, step: int | None,
+                   results: str, out: str, pairs: int, batch_size: int, seed: int, ldm_path: str, precision: str,
+                   device: torch.device) -> list[Layout]:
+    """Generate the pairs of every (class, defect) of ``jobs``; each model, its data and OUT are checked before
+    the LDM loads."""
+    if checkpoint is not None and len(jobs) != 1:
+        raise UserError(f"--checkpoint names one model, but {len(jobs)} (class, defect) pairs were requested; "
+                        "give one class (-d) and one --defect")
+    planned = []
+    for classname, defect in jobs:
+        path = checkpoint or source_checkpoint(results, dataset, classname, defect, seed, step)
+        ckpt = read_checkpoint(path)
+        check_job(ckpt, path, (dataset, classname, defect))
+        config = TrainConfig(**ckpt["config"])
+        data = collect(dataset, root, classname, defect, config.anomaly_split)
+        if ckpt["files"]["masks"] != file_names(data)["masks"]:
+            LOG.warning("%s: the masks of %s/%s differ from those it was trained with", path, classname, defect)
+        if ckpt["step"] < config.steps:
+            LOG.warning("%s: generating from step %d of %d (training not finished)", path, ckpt["step"], config.steps)
+        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]))
+        options.check()
+        planned.append((ckpt, config, data, options))
+    utils.check_writable_folder(out, "--output")
+    utils.configure_precision(precision, device)
+    from panda.ldm import load_ldm
+
+    ldm = load_ldm(ldm_path, device)
+    layouts = []
+    for ckpt, config, data, options in planned:
+        model = build_model(ldm, config.name, config.init_word, precision, device)
+        model.load_trainable_state(ckpt["trainable"])
+        model.eval()
+        layouts.append(generate(model, data, config.imagesize, out, options, device))
+        LOG.info("%s: %d pairs in %s (preview %s)", config.name, pairs, layouts[-1].class_dir, layouts[-1].preview)
+    return layouts
