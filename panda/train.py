@@ -12,7 +12,7 @@ The job folder RESULTS/panda/DATASET_CLASS/DEFECT/seedN/ holds
                          the global Python/NumPy/torch streams), the loss of every step
     weights-STEP.pt      the trainable state at every --save_every steps (the public code keeps them all and
                          picks one by hand; panda-generate --step reads one)
-    losses.csv           step, loss, loss_aware, loss_only (rewritten at every save)
+    losses.csv           step, loss, loss_simple, loss_mask (rewritten at every save)
 Everything is tensors and plain data (loads with weights_only=True). A run given a folder with a checkpoint
 resumes from it (same configuration required) and ends exactly as an uninterrupted run: the batch order is a
 function of (seed, step), the noise generator's state and the global streams are restored.
@@ -43,7 +43,7 @@ LOSSES_NAME = "losses.csv"
 DATA_REPEATS = 20  # the public dataset repeats each pair 20 times per epoch (``repeats=20``)
 BATCH_STREAM = 1  # the numpy SeedSequence entropy [seed, BATCH_STREAM, epoch] orders each epoch's batches
 PRECISIONS = ("fp32", "tf32", "bf16")
-LOSS_PARTS = ("loss_aware", "loss_only")  # the two terms of the loss, logged beside it
+LOSS_PARTS = ("loss_simple", "loss_mask")  # the masked anomaly-aware term and the anomaly-only term of the loss
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def weights_state(state: dict) -> dict:
 
 
 def losses_csv(losses: torch.Tensor) -> str:
-    """step,loss,loss_aware,loss_only (steps from 1)."""
+    """step,loss,loss_simple,loss_mask (steps from 1)."""
     rows = [f"{i + 1},{','.join(repr(float(v)) for v in row)}" for i, row in enumerate(losses.tolist())]
     return "\n".join(["step,loss," + ",".join(LOSS_PARTS), *rows]) + "\n"
 
@@ -214,6 +214,7 @@ def train(model, config: TrainConfig, data: DefectData, folder: str, device: tor
     images = load_images(data.anomaly_images, config.imagesize).to(device)  # [N, 3, S, S] in [-1, 1]
     masks = load_masks(data.masks, config.imagesize).to(device)  # [N, 1, S, S] in {0, 1}
     source = GeneratorNoise(noise)
+    model.train()  # the adapters' BatchNorm layers use batch statistics (the frozen parts stay in eval mode)
     for step in utils.progress(range(start, config.steps), config.name, total=config.steps, initial=start):
         index = batch_indices(config.seed, step, len(images), config.batch_size).to(device)
         loss, parts = model.loss(images[index], masks[index], [config.name] * len(index), source)
@@ -225,7 +226,7 @@ def train(model, config: TrainConfig, data: DefectData, folder: str, device: tor
         snapshot = done % config.save_every == 0
         if snapshot or done == config.steps or runstate.stop_requested():
             path = save_state(folder, training_state(config, files, done, model, optimizer, noise, losses), snapshot)
-            LOG.info("%s: step %d, loss %.5f, saved %s", config.name, done, float(loss), path)
+            LOG.info("%s: step %d, loss %.5f, saved %s", config.name, done, float(loss.detach()), path)
         if runstate.stop_requested() and done < config.steps:
             raise runstate.Interrupted(runstate.stop_requested(), path)
     return path
@@ -262,10 +263,11 @@ def plan(dataset: str, root: str, classes: tuple[str, ...], defects: tuple[str, 
 
 
 def build_model(ldm, name: str, init_word: str, precision: str, device: torch.device):
-    """A fresh PANDA model of one (class, defect) on ``device`` (seed the global streams first)."""
+    """A fresh PANDA model of one (class, defect) on ``device`` (seed the global streams first). tf32 runs the
+    model in fp32 with TF32 matmuls (utils.configure_precision); bf16 autocasts the frozen parts."""
     from panda.model import Panda
 
-    return Panda(ldm, [name], init_word, precision=precision).to(device)
+    return Panda(ldm, [name], init_word, precision="bf16" if precision == "bf16" else "fp32").to(device)
 
 
 def run_training(configs: list[TrainConfig], jobs: list[DefectData], ldm_path: str, results: str,

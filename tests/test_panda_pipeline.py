@@ -1,0 +1,214 @@
+"""PANDA pipeline from the command line (panda-train, panda-generate) on generated textures with a tiny random LDM
+folder (save_pretrained): end to end, exact resume after a stop, and bad input (one line, exit 2, nothing
+written)."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+import runstate
+from datasets import mvtec
+from datasets.synthetic import make_dataset
+from panda import data as panda_data
+from panda import generate, train
+from panda.ldm import write_tiny_ldm
+
+SIZE = 32  # images and masks (latents 4 x 4)
+CLASS, DEFECT = "texture", "scratch"
+TRAIN = ["--steps", "4", "--save_every", "2", "--batch_size", "2", "--imagesize", str(SIZE)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A texture class: 4 normal training images, 6 anomalies per defect type (2 for training with 'third')."""
+    path = tmp_path_factory.mktemp("panda_data")
+    make_dataset(path, classes=(CLASS,), n_train=4, n_test_good=1, n_test_defect=18, size=SIZE, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ldm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(write_tiny_ldm(str(tmp_path_factory.mktemp("ldm"))))
+
+
+def cli(results: Path, ldm: Path, root: Path, *args: str, command: str = "panda-train") -> int:
+    return main.cli(["--gpu", "-1", "--results_path", str(results), command, "--ldm", str(ldm), "-d", CLASS,
+                     "--defect", DEFECT, *args, str(root)])
+
+
+def job(results: Path) -> Path:
+    return results / "panda" / f"mvtec_{CLASS}" / DEFECT / "seed3407"
+
+
+@pytest.fixture(scope="module")
+def trained(root: Path, ldm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    results = tmp_path_factory.mktemp("panda_results")
+    assert cli(results, ldm, root, *TRAIN) == 0
+    return results
+
+
+def assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_train_writes_a_self_describing_tensors_only_checkpoint(trained: Path):
+    folder = job(trained)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "losses.csv", "weights-000002.pt",
+                                                        "weights-000004.pt"]
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["method"] == "panda"
+    config = ckpt["config"]
+    assert (config["classname"], config["defect"], config["init_word"], config["seed"]) == (CLASS, DEFECT, "scratch", 3407)
+    assert (config["lr"], config["weight_decay"], config["anomaly_split"]) == (1.6e-2, 0.01, "third")
+    assert ckpt["files"]["anomalies"] == ["000.png", "001.png"] and ckpt["files"]["held_out"] == 4  # first third
+    assert ckpt["losses"].shape == (4, 3) and torch.isfinite(ckpt["losses"]).all()
+    assert {"noise", "global"} <= set(ckpt["random"]) and ckpt["optimizer"]["state"]
+    first = torch.load(folder / "weights-000002.pt", weights_only=True)
+    assert set(first) == {"format", "method", "config", "files", "step", "trainable"} and first["step"] == 2
+    assert set(first["trainable"]) == set(ckpt["trainable"])
+    assert any(not torch.equal(first["trainable"][k], ckpt["trainable"][k]) for k in ckpt["trainable"])  # it learns
+
+
+def test_stopped_training_resumes_to_the_uninterrupted_checkpoint(trained: Path, root: Path, ldm: Path,
+                                                                  tmp_path: Path, monkeypatch):
+    indices = train.batch_indices
+
+    def stop_at_step_1(seed, step, n, batch_size):
+        if step == 1:
+            runstate.request_stop(signal.SIGTERM)  # as the SIGTERM handler does
+        return indices(seed, step, n, batch_size)
+
+    monkeypatch.setattr(train, "batch_indices", stop_at_step_1)
+    assert cli(tmp_path, ldm, root, *TRAIN) == 128 + signal.SIGTERM
+    assert torch.load(job(tmp_path) / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "batch_indices", indices)
+    assert cli(tmp_path, ldm, root, *TRAIN) == 0  # the same command resumes
+    resumed = torch.load(job(tmp_path) / "checkpoint.pt", weights_only=True)
+    uninterrupted = torch.load(job(trained) / "checkpoint.pt", weights_only=True)
+    assert_same(resumed, uninterrupted)
+
+
+def test_generate_writes_mvtec_layout_pairs_seeded_and_continues(trained: Path, root: Path, ldm: Path, tmp_path: Path):
+    out = tmp_path / "synthetic"
+    args = ["--output", str(out), "--pairs", "2", "--batch_size", "2"]
+    assert cli(trained, ldm, root, *args, command="panda-generate") == 0
+    images, masks = out / CLASS / "test" / DEFECT, out / CLASS / "ground_truth" / DEFECT
+    samples = mvtec.defect_samples(str(images), str(masks), DEFECT)  # the project's MVTec AD reader pairs them
+    assert [os.path.basename(s.image_path) for s in samples] == ["0000.png", "0001.png"]
+    training_masks = panda_data.load_masks([str(root / CLASS / "ground_truth" / DEFECT / f"00{i}_mask.png")
+                                            for i in (0, 1)], SIZE)  # [2, 1, S, S]: the training third
+    for sample in samples:
+        assert Image.open(sample.image_path).size == (SIZE, SIZE)
+        mask = torch.from_numpy(np.asarray(Image.open(sample.mask_path)) / 255.0).float()
+        assert any(torch.equal(mask, m[0]) for m in training_masks)
+    assert Image.open(out / CLASS / "preview" / f"{DEFECT}.png").size == (3 * SIZE, 2 * SIZE)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in images.iterdir()}
+    assert cli(trained, ldm, root, *args, command="panda-generate") == 0  # a rerun keeps the written batches
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in images.iterdir()} == before
+    assert cli(trained, ldm, root, "--output", str(out), "--pairs", "3", command="panda-generate") == 2  # another run
+
+
+def one_line_error(capsys, code: int) -> str:
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def copy_data(root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(root, tmp_path / "data"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_masks", "has no masks"),
+    ("no_images", "has no anomalous images"),
+    ("mask_size", "is 16x16 (width x height) but its image"),
+    ("not_binary", "is not binary"),
+])
+def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path: Path, capsys, damage: str,
+                                                 message: str):
+    data = copy_data(root, tmp_path)
+    masks, images = data / CLASS / "ground_truth" / DEFECT, data / CLASS / "test" / DEFECT
+    if damage == "no_masks":
+        shutil.rmtree(masks)
+    elif damage == "no_images":
+        for path in images.iterdir():
+            path.unlink()
+    elif damage == "mask_size":
+        Image.new("L", (16, 16), 255).save(masks / "001_mask.png")
+    else:
+        grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        grey[:, :8], grey[:, 8:16] = 128, 255  # an anti-aliased or soft mask
+        Image.fromarray(grey).save(masks / "000_mask.png")
+    results = tmp_path / "results"
+    assert message in one_line_error(capsys, cli(results, ldm, data, *TRAIN))
+    assert not results.exists()
+
+
+def test_unwritable_output_and_results_are_refused_before_any_work(trained: Path, root: Path, ldm: Path, tmp_path: Path,
+                                                                   capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = one_line_error(capsys, cli(trained, ldm, root, "--output", str(blocker / "out"), command="panda-generate"))
+    assert "--output" in err and "cannot be written" in err
+    err = one_line_error(capsys, cli(blocker, ldm, root, *TRAIN))
+    assert "--results_path" in err
+
+
+def test_a_checkpoint_of_another_defect_or_a_pickled_module_is_refused(trained: Path, root: Path, ldm: Path,
+                                                                       tmp_path: Path, capsys):
+    ckpt = job(trained) / "checkpoint.pt"
+    out = tmp_path / "out"
+    args = ["--gpu", "-1", "--results_path", str(trained), "panda-generate", "--ldm", str(ldm), "-d", CLASS,
+            "--output", str(out)]
+    err = one_line_error(capsys, main.cli([*args, "--defect", "spot", "--checkpoint", str(ckpt), str(root)]))
+    assert f"is a PANDA model of mvtec {CLASS}/{DEFECT}, not of mvtec {CLASS}/spot" in err
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Payload(str(marker))))
+    err = one_line_error(capsys, main.cli([*args, "--defect", DEFECT, "--checkpoint", str(evil), str(root)]))
+    assert "not a readable checkpoint" in err and not marker.exists() and not out.exists()
+
+
+class Payload:
+    """A pickle that would create a file when unpickled (what a pickled module checkpoint can do)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_defect_tables_and_batch_order():
+    assert sum(len(d) for d in panda_data.MVTEC_DEFECTS.values()) == 73 and len(panda_data.MVTEC_DEFECTS["pill"]) == 7
+    assert train.default_init_word("broken_large") == "large" and train.default_init_word("ko") == "ko"
+    n, batch = 3, 8
+    per_epoch = [train.batch_indices(0, step, n, batch) for step in range(8)]  # 60 draws: 7 batches + 4
+    drawn = torch.cat(per_epoch[:8])
+    assert len(drawn) == 60 and torch.bincount(drawn).tolist() == [20, 20, 20]
+    assert not torch.equal(train.batch_indices(0, 8, n, batch), train.batch_indices(1, 8, n, batch))
+    images, masks = generate.selection(5, 100, 7, 3)
+    assert images.max() < 7 and masks.max() < 3 and np.array_equal(images, generate.selection(5, 100, 7, 3)[0])
+    draws = [torch.randn(3, generator=generate.batch_generator(5, b, torch.device("cpu"))) for b in (0, 0, 1)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # each batch its own stream
