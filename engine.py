@@ -38,7 +38,7 @@ import torch
 
 import metrics
 import utils
-from runstate import Interrupted, load_resumable, rng_state, set_rng_state, stop_requested
+from runstate import DISCARD_DAMAGED_OPTION, Interrupted, load_resumable, rng_state, set_rng_state, stop_requested
 from common import Embedder, Method, MethodConfig, StepStats, autocast
 from utils import UserError
 
@@ -52,7 +52,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 SCORES_NAME = "scores.csv"
 TRAIN_STATE_NAME = "train_state.pt"
-DISCARD_DAMAGED_OPTION = "--discard_damaged_state"  # main.py's flag: set a damaged training state aside
 RELEASE_CENTER = "center.pth"
 TENSORBOARD_EVAL = "eval"  # sub-folder (TensorBoard run) of the evaluation scalars, whose step is the epoch
 RELEASE_BEST = re.compile(r"ckpt_best_(\d+)\.pth$")

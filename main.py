@@ -1030,8 +1030,8 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
     """PANDA: train one model (textual-inversion vectors + two MGA adapters, frozen LDM) per (class, defect).
 
     Writes RESULTS/panda/DATASET_CLASS/DEFECT/seedN/{checkpoint.pt, weights-STEP.pt, losses.csv} (global
-    --results_path, --seed (default 3407 here), --gpu, --precision fp32|bf16). A stopped run (SIGTERM/SIGINT)
-    saves its state; the same command resumes it; finished models are skipped.
+    --results_path, --seed (default 3407 here), --gpu, --precision fp32|tf32|bf16, --discard_damaged_state).
+    A stopped run (SIGTERM/SIGINT) saves its state; the same command resumes it; finished models are skipped.
     """
 
     def run_tool(g: dict) -> int:
@@ -1043,7 +1043,7 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
                                      init_word=options["init_word"] or train.default_init_word(job.defect),
                                      seed=seed, precision=g["precision"],
                                      **{k: v for k, v in options.items() if k != "init_word"}) for job in jobs]
-        for path in train.run_training(configs, jobs, ldm, g["results_path"], device):
+        for path in train.run_training(configs, jobs, ldm, g["results_path"], device, g["discard_damaged_state"]):
             LOG.info("trained: %s", path)
         return 0
 

@@ -24,6 +24,7 @@ from utils import UserError
 LOG = logging.getLogger("pbas")
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
+DISCARD_DAMAGED_OPTION = "--discard_damaged_state"  # main.py's flag: set a damaged training state aside
 DAMAGED_SUFFIX = ".damaged"  # a damaged resumable state set aside on request: train_state.pt -> train_state.pt.damaged
 State = TypeVar("State")
 

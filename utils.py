@@ -25,7 +25,7 @@ from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
 LOG = logging.getLogger("pbas")
 CHECKPOINT_FORMAT = 2  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs
 # What torch.load raises on a file that is not a checkpoint of ours (random bytes, truncated, foreign pickle).
-CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError,
+CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError, IndexError,
                           pickle.UnpicklingError, OverflowError, MemoryError)
 
 LOCK_NAME = ".lock"

@@ -145,11 +145,11 @@ def check_resumable(ckpt: dict, path: str, config: TrainConfig, files: dict) -> 
 
 
 def training_state(config: TrainConfig, files: dict, step: int, model, optimizer, noise: torch.Generator,
-                   losses: torch.Tensor) -> dict:
+                   losses: torch.Tensor, device: torch.device) -> dict:
     """The whole resumable state, tensors and plain data only."""
     return {"format": PANDA_FORMAT, "method": METHOD, "config": asdict(config), "files": files, "step": step,
             "trainable": {k: v.detach().cpu() for k, v in model.trainable_state().items()},
-            "optimizer": optimizer.state_dict(), "random": {"noise": noise.get_state(), "global": runstate.rng_state()},
+            "optimizer": optimizer.state_dict(), "random": {"noise": noise.get_state(), "global": runstate.rng_state(device)},
             "losses": losses[:step].clone()}
 
 
@@ -174,6 +174,13 @@ def save_state(folder: str, state: dict, snapshot: bool) -> str:
     return path
 
 
+def read_state(path: str, discard_damaged: bool) -> dict | None:
+    """The job's checkpoint.pt (None when there is none); a damaged one stops the run naming the file, or with
+    --discard_damaged_state is set aside and the job trains from the start (runstate.load_resumable)."""
+    return runstate.load_resumable(path, read_checkpoint, discard_damaged,
+                                   f"pass {runstate.DISCARD_DAMAGED_OPTION} to set it aside and train this model from the start")
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +201,8 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train(model, config: TrainConfig, data: DefectData, folder: str, device: torch.device) -> str:
+def train(model, config: TrainConfig, data: DefectData, folder: str, device: torch.device,
+          discard_damaged: bool = False) -> str:
     """Train (or resume) one model into ``folder``; returns the checkpoint path. ``model``: a fresh
     ``panda.Panda`` of the job's name (initialised under the seed). Raises runstate.Interrupted after saving
     when a stop is requested."""
@@ -204,10 +212,10 @@ def train(model, config: TrainConfig, data: DefectData, folder: str, device: tor
     noise = torch.Generator(device=device).manual_seed(config.seed)
     losses = torch.zeros(config.steps, 1 + len(LOSS_PARTS))
     start = 0
-    if os.path.exists(path):
-        ckpt = read_checkpoint(path)
+    ckpt = read_state(path, discard_damaged)
+    if ckpt is not None:
         check_resumable(ckpt, path, config, files)
-        start = resume(ckpt, model, optimizer, noise, losses)
+        start = resume(ckpt, model, optimizer, noise, losses, device)
         LOG.info("%s: resuming at step %d of %d from %s", config.name, start, config.steps, path)
     if start >= config.steps:
         return path
@@ -225,14 +233,15 @@ def train(model, config: TrainConfig, data: DefectData, folder: str, device: tor
         done = step + 1
         snapshot = done % config.save_every == 0
         if snapshot or done == config.steps or runstate.stop_requested():
-            path = save_state(folder, training_state(config, files, done, model, optimizer, noise, losses), snapshot)
+            path = save_state(folder, training_state(config, files, done, model, optimizer, noise, losses, device), snapshot)
             LOG.info("%s: step %d, loss %.5f, saved %s", config.name, done, float(loss.detach()), path)
         if runstate.stop_requested() and done < config.steps:
             raise runstate.Interrupted(runstate.stop_requested(), path)
     return path
 
 
-def resume(ckpt: dict, model, optimizer: torch.optim.Optimizer, noise: torch.Generator, losses: torch.Tensor) -> int:
+def resume(ckpt: dict, model, optimizer: torch.optim.Optimizer, noise: torch.Generator, losses: torch.Tensor,
+           device: torch.device) -> int:
     """Load a training state into the fresh model, optimizer, noise generator and loss history; set the global
     random streams. Returns the step to continue from."""
     step = int(ckpt["step"])
@@ -241,7 +250,7 @@ def resume(ckpt: dict, model, optimizer: torch.optim.Optimizer, noise: torch.Gen
     model.load_trainable_state(ckpt["trainable"])
     optimizer.load_state_dict(ckpt["optimizer"])
     noise.set_state(ckpt["random"]["noise"])
-    runstate.set_rng_state(ckpt["random"]["global"])
+    runstate.set_rng_state(ckpt["random"]["global"], device)
     losses[:step] = ckpt["losses"]
     return step
 
@@ -271,15 +280,15 @@ def build_model(ldm, name: str, init_word: str, precision: str, device: torch.de
 
 
 def run_training(configs: list[TrainConfig], jobs: list[DefectData], ldm_path: str, results: str,
-                 device: torch.device) -> list[str]:
+                 device: torch.device, discard_damaged: bool = False) -> list[str]:
     """Train (or resume, or skip when finished) every job in order; returns their checkpoint paths."""
     for config in configs:
         config.check()
     todo = []
     for config, data in zip(configs, jobs):
         path = os.path.join(job_folder(results, config), CHECKPOINT_NAME)
-        if os.path.exists(path):
-            ckpt = read_checkpoint(path)
+        ckpt = read_state(path, discard_damaged)
+        if ckpt is not None:
             check_resumable(ckpt, path, config, file_names(data))
             if ckpt["step"] >= config.steps:
                 LOG.info("%s: finished (%s, step %d)", config.name, path, ckpt["step"])
@@ -297,5 +306,5 @@ def run_training(configs: list[TrainConfig], jobs: list[DefectData], ldm_path: s
                  data.held_out, len(data.normals))
         utils.set_seed(config.seed)
         model = build_model(ldm, config.name, config.init_word, config.precision, device)
-        train(model, config, data, job_folder(results, config), device)
+        train(model, config, data, job_folder(results, config), device, discard_damaged)
     return [os.path.join(job_folder(results, c), CHECKPOINT_NAME) for c in configs]

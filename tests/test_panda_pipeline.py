@@ -190,6 +190,18 @@ def test_a_checkpoint_of_another_defect_or_a_pickled_module_is_refused(trained: 
     assert "not a readable checkpoint" in err and not marker.exists() and not out.exists()
 
 
+def test_a_damaged_checkpoint_stops_the_run_unless_set_aside(root: Path, ldm: Path, tmp_path: Path, capsys):
+    folder = job(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"truncated")
+    err = one_line_error(capsys, cli(tmp_path, ldm, root, *TRAIN))
+    assert str(folder / "checkpoint.pt") in err and "--discard_damaged_state" in err
+    assert main.cli(["--gpu", "-1", "--results_path", str(tmp_path), "--discard_damaged_state", "panda-train", "--ldm",
+                     str(ldm), "-d", CLASS, "--defect", DEFECT, "--steps", "2", *TRAIN[2:], str(root)]) == 0
+    assert (folder / "checkpoint.pt.damaged").read_bytes() == b"truncated"
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 class Payload:
     """A pickle that would create a file when unpickled (what a pickled module checkpoint can do)."""
 

@@ -127,3 +127,24 @@ def test_segmentation_stages(tmp_path: Path):
     assert "--synthetic /s/panda --anomaly_split third --arch unet --encoder resnet34 --steps 4000" in segment
     bad = subprocess.run(["bash", str(SLURM / "make_table.sh"), "segment", "a/b", "btad", "/d", "0"], capture_output=True)
     assert bad.returncode == 2
+
+
+def test_panda_table_has_every_defect_type_and_its_task_trains_then_generates(tmp_path: Path):
+    table = tmp_path / "panda.tsv"
+    with open(table, "w") as f:
+        subprocess.run(["bash", str(SLURM / "make_table.sh"), "panda", "single", "mvtec", "/data/mvtec", "3407"],
+                       stdout=f, check=True)
+    lines = [line.split("\t") for line in table.read_text().splitlines()]
+    assert len(lines) == 73 and sum(l[5].startswith("pill:") for l in lines) == 7
+    task = next(i for i, l in enumerate(lines) if l[5] == "bottle:broken_large")
+    env = stub_env(tmp_path, TABLE=str(table), SLURM_ARRAY_TASK_ID=str(task), LDM="/models/ldm", SYNTH="/s")
+    subprocess.run(["bash", str(SLURM / "task.sh")], env=env, check=True, capture_output=True)
+    train, generate = calls(tmp_path)
+    for call, command in ((train, "panda-train"), (generate, "panda-generate")):
+        assert call.startswith("main.py --gpu 0") and "--seed 3407" in call
+        assert f"{command} --dataset mvtec --ldm /models/ldm -d bottle --defect broken_large" in call
+        assert call.endswith("/data/mvtec")
+    assert "--anomaly_split third" in train and "--output /s/panda" in generate  # where segment reads source panda
+    (tmp_path / "calls.log").unlink()
+    stopped = subprocess.run(["bash", str(SLURM / "task.sh")], env={**env, "STUB_EXIT": "143"}, capture_output=True)
+    assert stopped.returncode == 143 and len(calls(tmp_path)) == 1  # a stopped training does not generate
