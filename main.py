@@ -1061,9 +1061,13 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
               help="A PANDA checkpoint.pt or weights-STEP.pt (one class and defect only).")
 @click.option("--step", type=int, default=None, show_default="the last",
               help="Use weights-STEP.pt of the job folder instead of checkpoint.pt.")
+@click.option("--sampler_steps", type=int, default=1000,
+              help="1000: the public code's ancestral sampler. Fewer (2-999): a respaced chain of that many steps "
+                   "(faster previews and tests; not the public sampler, the anomaly-only windows map to the "
+                   "original timesteps).")
 def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...], defects: tuple[str, ...], ldm: str,
                            output: str | None, pairs: int, batch_size: int, checkpoint: str | None,
-                           step: int | None) -> tuple[str, object]:
+                           step: int | None, sampler_steps: int) -> tuple[str, object]:
     """PANDA: generate image + mask pairs per (class, defect) with trained models (1000-step sampler).
 
     Each pair: a random normal training image and a random mask of the defect's training third (seeded by
@@ -1080,7 +1084,7 @@ def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...
         jobs = [(c, d) for c in names for d in (defects or panda_data.defect_types(dataset, data_path, c))]
         out = output or os.path.join(g["results_path"], "synthetic", "panda")
         generate.run_generation(dataset, data_path, jobs, checkpoint, step, g["results_path"], out, pairs, batch_size,
-                                seed, ldm, g["precision"], device)
+                                seed, ldm, g["precision"], device, sampler_steps)
         return 0
 
     return "panda-generate", run_tool

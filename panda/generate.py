@@ -4,7 +4,8 @@ MVTec AD layout so that every dataset reader of the project reads them:
     OUT/CLASS/test/DEFECT/NNNN.png               synthetic anomalous image (S x S)
     OUT/CLASS/ground_truth/DEFECT/NNNN_mask.png  its mask, 0/255 (the binarised S x S mask the model was given)
     OUT/CLASS/preview/DEFECT.png                 the first pairs as rows [normal | mask | synthetic]
-    OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, seed, pairs, batch size
+    OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, seed, pairs, batch size,
+                                                 sampler steps
 
 Each pair takes a random normal training image and a random mask of the defect's synthesis part (both drawn
 with replacement, as the public code, but seeded: NumPy SeedSequence [seed, SELECT_STREAM]); batch b samples
@@ -25,6 +26,7 @@ import runstate
 import utils
 from panda.data import DefectData, collect, load_image, load_mask
 from panda.noise import GeneratorNoise
+from panda.schedule import NUM_TIMESTEPS
 from panda.train import (CHECKPOINT_NAME, WEIGHTS_NAME, TrainConfig, build_model, check_job, file_names, job_folder,
                          read_checkpoint)
 from utils import UserError
@@ -33,22 +35,27 @@ LOG = logging.getLogger("pbas")
 SELECT_STREAM = 2  # SeedSequence entropy [seed, SELECT_STREAM]: the (normal image, mask) of every pair
 SAMPLE_STREAM = 3  # [seed, SAMPLE_STREAM, batch]: the sampler's noise of each batch
 PREVIEW_PAIRS = 4
+MIN_SAMPLER_STEPS = 2  # a respaced chain keeps the first and the last timestep
 MIN_DIGITS = 4  # NNNN
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """How many pairs, in which batches, under which seed, from which checkpoint (and its step)."""
+    """How many pairs, in which batches, under which seed, from which checkpoint (and its step), with how many
+    sampler steps (NUM_TIMESTEPS: the public sampler; fewer: a respaced chain, faster and not the public one)."""
 
     pairs: int
     batch_size: int
     seed: int
     checkpoint: str
     step: int
+    sampler_steps: int = NUM_TIMESTEPS
 
     def check(self) -> None:
         if self.pairs <= 0 or self.batch_size <= 0:
             raise UserError(f"--pairs and --batch_size must be positive, got {self.pairs} and {self.batch_size}")
+        if not MIN_SAMPLER_STEPS <= self.sampler_steps <= NUM_TIMESTEPS:
+            raise UserError(f"--sampler_steps must be in [{MIN_SAMPLER_STEPS}, {NUM_TIMESTEPS}], got {self.sampler_steps}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,8 @@ def generate(model, data: DefectData, imagesize: int, out: str, options: Generat
         mask = masks[torch.as_tensor(chosen_masks[index])]  # [B, 1, S, S]
         with torch.no_grad():
             synthetic = model.sample(clean.to(device), mask.to(device), [data.name] * len(index),
-                                     GeneratorNoise(batch_generator(options.seed, batch, device)))
+                                     GeneratorNoise(batch_generator(options.seed, batch, device)),
+                                     steps=options.sampler_steps)
         for i, image, m in zip(index, to_uint8(synthetic), mask):
             utils.save_png(image, layout.image(i))
             utils.save_png((m[0].numpy() * 255).astype(np.uint8), layout.mask(i))
@@ -167,7 +175,7 @@ def source_checkpoint(results: str, dataset: str, classname: str, defect: str, s
 
 def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpoint: str | None, step: int | None,
                    results: str, out: str, pairs: int, batch_size: int, seed: int, ldm_path: str, precision: str,
-                   device: torch.device) -> list[Layout]:
+                   device: torch.device, sampler_steps: int = NUM_TIMESTEPS) -> list[Layout]:
     """Generate the pairs of every (class, defect) of ``jobs``; each model, its data and OUT are checked before
     the LDM loads."""
     if checkpoint is not None and len(jobs) != 1:
@@ -184,7 +192,7 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
             LOG.warning("%s: the masks of %s/%s differ from those it was trained with", path, classname, defect)
         if ckpt["step"] < config.steps:
             LOG.warning("%s: generating from step %d of %d (training not finished)", path, ckpt["step"], config.steps)
-        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]))
+        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]), sampler_steps)
         options.check()
         planned.append((ckpt, config, data, options))
     utils.check_writable_folder(out, "--output")

@@ -3,6 +3,7 @@ folder (save_pretrained): end to end, exact resume after a stop, and bad input (
 written)."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -110,22 +111,29 @@ def test_stopped_training_resumes_to_the_uninterrupted_checkpoint(trained: Path,
 
 def test_generate_writes_mvtec_layout_pairs_seeded_and_continues(trained: Path, root: Path, ldm: Path, tmp_path: Path):
     out = tmp_path / "synthetic"
-    args = ["--output", str(out), "--pairs", "2", "--batch_size", "2"]
+    args = ["--output", str(out), "--pairs", "3", "--batch_size", "2", "--sampler_steps", "10"]  # a respaced chain
     assert cli(trained, ldm, root, *args, command="panda-generate") == 0
     images, masks = out / CLASS / "test" / DEFECT, out / CLASS / "ground_truth" / DEFECT
     samples = mvtec.defect_samples(str(images), str(masks), DEFECT)  # the project's MVTec AD reader pairs them
-    assert [os.path.basename(s.image_path) for s in samples] == ["0000.png", "0001.png"]
+    assert [os.path.basename(s.image_path) for s in samples] == ["0000.png", "0001.png", "0002.png"]
     training_masks = panda_data.load_masks([str(root / CLASS / "ground_truth" / DEFECT / f"00{i}_mask.png")
                                             for i in (0, 1)], SIZE)  # [2, 1, S, S]: the training third
     for sample in samples:
         assert Image.open(sample.image_path).size == (SIZE, SIZE)
         mask = torch.from_numpy(np.asarray(Image.open(sample.mask_path)) / 255.0).float()
         assert any(torch.equal(mask, m[0]) for m in training_masks)
-    assert Image.open(out / CLASS / "preview" / f"{DEFECT}.png").size == (3 * SIZE, 2 * SIZE)
-    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in images.iterdir()}
-    assert cli(trained, ldm, root, *args, command="panda-generate") == 0  # a rerun keeps the written batches
-    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in images.iterdir()} == before
-    assert cli(trained, ldm, root, "--output", str(out), "--pairs", "3", command="panda-generate") == 2  # another run
+    assert Image.open(out / CLASS / "preview" / f"{DEFECT}.png").size == (3 * SIZE, 3 * SIZE)
+    record = json.loads((out / CLASS / f"panda-{DEFECT}.json").read_text())
+    assert (record["sampler_steps"], record["seed"], record["step"]) == (10, 3407, 4)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    os.unlink(images / "0001.png")  # as if stopped while writing the first batch: it is sampled again, identically
+    mtime = (images / "0002.png").stat().st_mtime_ns
+    assert cli(trained, ldm, root, *args, command="panda-generate") == 0
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    assert (images / "0002.png").stat().st_mtime_ns == mtime  # the written batch is kept
+    err = main.cli(["--gpu", "-1", "--results_path", str(trained), "panda-generate", "--ldm", str(ldm), "-d", CLASS,
+                    "--defect", DEFECT, "--output", str(out), "--pairs", "4", str(root)])
+    assert err == 2  # pairs of another generation are not mixed in
 
 
 def one_line_error(capsys, code: int) -> str:
