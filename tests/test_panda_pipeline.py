@@ -22,6 +22,7 @@ from datasets.synthetic import make_dataset
 from panda import data as panda_data
 from panda import generate, train
 from panda.ldm import write_tiny_ldm
+from test_resume import assert_same_tensors
 
 SIZE = 32  # images and masks (latents 4 x 4)
 CLASS, DEFECT = "texture", "scratch"
@@ -55,21 +56,6 @@ def trained(root: Path, ldm: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     results = tmp_path_factory.mktemp("panda_results")
     assert cli(results, ldm, root, *TRAIN) == 0
     return results
-
-
-def assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_train_writes_a_self_describing_tensors_only_checkpoint(trained: Path):
@@ -106,7 +92,7 @@ def test_stopped_training_resumes_to_the_uninterrupted_checkpoint(trained: Path,
     assert cli(tmp_path, ldm, root, *TRAIN) == 0  # the same command resumes
     resumed = torch.load(job(tmp_path) / "checkpoint.pt", weights_only=True)
     uninterrupted = torch.load(job(trained) / "checkpoint.pt", weights_only=True)
-    assert_same(resumed, uninterrupted)
+    assert_same_tensors(resumed, uninterrupted)
 
 
 def test_generate_writes_mvtec_layout_pairs_seeded_and_continues(trained: Path, root: Path, ldm: Path, tmp_path: Path):

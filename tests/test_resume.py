@@ -56,6 +56,10 @@ def assert_same_tensors(a, b, where=""):
         assert set(a) == set(b), where
         for k in a:
             assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):  # optimizer param groups, random-stream states holding tensors
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b or (a != a and b != b), where  # NaN == NaN here
 
