@@ -9,6 +9,8 @@ Runs, each in its own process (a crash or a timeout is reported, the rest goes o
      (fp32, bf16) with the noise drawn on the CPU (the release) and again drawn on the GPU (--noise_device
      device), and a VisA-sized class (cached fp32: peak GPU memory of the largest VisA class);
   3. ``bench_infer.py``: PyTorch fp32/bf16 and onnxruntime (the provider actually used is named) at batch 1 and 32;
+  4. ``bench_panda.py --size full``: PANDA's full-size architecture (random weights), fp32 and bf16: ms per
+     training step, ms per sampler step per image, peak memory, and the projected GPU-hours;
 and writes the device (name, memory, driver), the versions, every table, the CRAS training step time with
 CPU-drawn and device-drawn noise, and each target with pass/fail:
   PBAS carpet-sized class, release protocol: <= 60 s fast (bf16) and <= 4 min fp32; all of MVTec AD <= 15 min (bf16);
@@ -180,7 +182,8 @@ def main() -> int:
     visa = ["--n_train", "120", "--n_test_good", "20", "--n_test_defect", "20"] if args.quick else \
         ["--n_train", "905", "--n_test_good", "100", "--n_test_defect", "101"]
     with tempfile.TemporaryDirectory() as tmp:
-        out = {k: os.path.join(tmp, f"{k}.md") for k in ("pbas", "cras", "cras_noise_device", "visa", "infer")}
+        out = {k: os.path.join(tmp, f"{k}.md") for k in ("pbas", "cras", "cras_noise_device", "visa", "infer",
+                                                               "panda")}
         cras = [python, "benchmarks/bench_train.py", "--random_weights", *gpu, *size, "--method", "cras", "--setting",
                 "multi", "--n_classes", "3", "--precision", "fp32", "bf16"]
         steps = {
@@ -197,6 +200,10 @@ def main() -> int:
                          "--workdir", os.path.join(tmp, "visa"), "--output", out["visa"]], 3600),
             "infer": Step("bench_infer", [python, "benchmarks/bench_infer.py", "--random_weights", "--device",
                           f"cuda:{args.gpu}", "--output", out["infer"]], 1800),
+            "panda": Step("bench_panda, full-size PANDA", [python, "benchmarks/bench_panda.py", "--size", "full",
+                          "--device", f"cuda:{args.gpu}", "--precision", "fp32", "bf16",
+                          *(["--train_steps", "3", "--sample_steps", "10"] if args.quick else []),
+                          "--output", out["panda"]], 1800),
         }
         if args.skip_tests:
             steps["tests"].code, steps["tests"].output = 0, "skipped (--skip_tests)"

@@ -178,6 +178,8 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
                    device: torch.device, sampler_steps: int = NUM_TIMESTEPS) -> list[Layout]:
     """Generate the pairs of every (class, defect) of ``jobs``; each model, its data and OUT are checked before
     the LDM loads."""
+    if checkpoint is not None and step is not None:
+        raise UserError("--checkpoint and --step name the model two ways; give one of them")
     if checkpoint is not None and len(jobs) != 1:
         raise UserError(f"--checkpoint names one model, but {len(jobs)} (class, defect) pairs were requested; "
                         "give one class (-d) and one --defect")
