@@ -43,10 +43,10 @@ import runstate
 import utils
 from common import PRECISIONS, Embedder, Method
 from datasets.split import ANOMALY_SPLITS
+from panda import data as panda_data
 from segment import networks as segment_networks
 from segment import synthesis as segment_synthesis
 from segment import train as segment_train
-from panda import data as panda_data
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
