@@ -160,8 +160,8 @@ def test_predict_and_onnx_parity(trained: Path, real_root: Path, tmp_path: Path)
 def test_resume_is_exact(real_root: Path, easy_root: Path, tmp_path: Path) -> None:
     data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
     images = segdata.TrainImages(data.normal, data.synthetic)
-    config = train.SegmentConfig(encoder="efficientnet_lite0", encoder_weights="none", imagesize=CROP, resize=CROP,
-                                 steps=4, batch_size=2)
+    config = train.SegmentConfig(arch="segformer", encoder="efficientnet_lite0", encoder_weights="none",  # the option
+                                 imagesize=CROP, resize=CROP, steps=4, batch_size=2)
     job = {"net": config.to_dict()}
 
     def run(state: Path, stop_at: int | None = None) -> dict:
