@@ -6,6 +6,7 @@ import csv
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,24 @@ def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pyt
     assert not (tmp_path / "res" / "models").exists()  # nothing trained or written for bad input
     assert "checkpoint" in _cli_error(capsys, ["segment-export", "--checkpoint", str(mask),
                                                                "--output", str(tmp_path / "x.onnx")])
+
+
+def test_one_class_pipeline_script(tmp_path: Path) -> None:
+    """shell/run-panda-segment.sh: PANDA train -> generate into SYNTH/panda -> segment on it -> the Perlin baseline
+    through the same segmenter, in that order (main.py replaced by a stub that records its command lines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/usr/bin/env bash\necho "$@" >> "$STUB_LOG"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "calls.log"),
+           "DATAPATH": "/data/mvtec", "LDM": "/models/ldm", "RESULTS": str(tmp_path / "res")}
+    script = Path(__file__).resolve().parent.parent / "shell" / "run-panda-segment.sh"
+    subprocess.run(["bash", str(script), "mvtec", "carpet", "--precision", "bf16"], env=env, check=True, capture_output=True)
+    synth = tmp_path / "res" / "synthetic"
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert [c.split(" --precision bf16 ")[1].split()[0] for c in calls] == [
+        "panda-train", "panda-generate", "segment", "synth-baseline", "segment"]
+    assert f"--output {synth}/panda" in calls[1] and f"--synthetic {synth}/panda --anomaly_split third" in calls[2]
+    assert "-d carpet" in calls[3] and f"--output {synth}/perlin" in calls[3]
+    assert f"--synthetic {synth}/perlin" in calls[4]
+    assert subprocess.run(["bash", str(script), "mvtec"], env=env, capture_output=True).returncode == 2
