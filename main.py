@@ -1020,7 +1020,8 @@ def panda_data_options(command):
 @click.option("--weight_decay", type=float, default=0.01, help="AdamW weight decay.")
 @click.option("--save_every", type=int, default=1500, help="Save checkpoint.pt and weights-STEP.pt every N steps.")
 @click.option("--imagesize", type=int, default=256, help="Images and masks are resized to S x S (latents S/8).")
-@click.option("--init_word", type=str, default=None, show_default="the defect name's last word (broken_large: large)",
+@click.option("--init_word", type=str, default="",
+              show_default="the defect name's last word known to the tokenizer (broken_large: large)",
               help="Word whose embedding initialises the 4 vectors of '*'.")
 @click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
               help="third: the first third of each defect's anomalies (by name) trains PANDA and gives the masks of "
@@ -1040,9 +1041,7 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
         seed, device = panda_options(g)
         jobs = train.plan(dataset, data_path, classes, defects, str(options["anomaly_split"]))
         configs = [train.TrainConfig(dataset, job.classname, job.defect,
-                                     init_word=options["init_word"] or train.default_init_word(job.defect),
-                                     seed=seed, precision=g["precision"],
-                                     **{k: v for k, v in options.items() if k != "init_word"}) for job in jobs]
+                                     seed=seed, precision=g["precision"], **options) for job in jobs]
         for path in train.run_training(configs, jobs, ldm, g["results_path"], device, g["discard_damaged_state"]):
             LOG.info("trained: %s", path)
         return 0

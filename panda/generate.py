@@ -204,7 +204,7 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
     ldm = load_ldm(ldm_path, device)
     layouts = []
     for ckpt, config, data, options in planned:
-        model = build_model(ldm, config.name, config.init_word, precision, device)
+        model = build_model(ldm, config.name, ckpt["init_word"], precision, device)
         model.load_trainable_state(ckpt["trainable"])
         model.eval()
         layouts.append(generate(model, data, config.imagesize, out, options, device))

@@ -53,7 +53,7 @@ class TrainConfig:
     dataset: str
     classname: str
     defect: str
-    init_word: str
+    init_word: str = ""  # "": from the defect name (resolve_init_word)
     anomaly_split: str = "third"
     imagesize: int = 256
     batch_size: int = 8
@@ -87,9 +87,22 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("steps", "save_every", "precision")
 
 
-def default_init_word(defect: str) -> str:
-    """The public script's rule, mostly: the last word of the defect name (``broken_large`` -> ``large``)."""
-    return defect.replace("-", "_").split("_")[-1].lower() or defect.lower()
+def resolve_init_word(tokenizer, config: TrainConfig) -> str:
+    """The word whose embedding initialises the vectors: --init_word as given (Panda checks it is one token);
+    by default the defect name's words from the last (``broken_large`` -> ``large``, as the public script mostly
+    picks), the first that the tokenizer keeps as one known token, else the first word piece of the last word
+    (``misplaced`` -> ``mis`` if the vocabulary splits it)."""
+    if config.init_word:
+        return config.init_word
+    words = [w for w in reversed(config.defect.lower().replace("-", "_").split("_")) if w] or [config.defect.lower()]
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+            return word
+    pieces = tokenizer.tokenize(words[0])
+    if not pieces or pieces[0] == tokenizer.unk_token:
+        raise UserError(f"no word of defect '{config.defect}' is known to the LDM's tokenizer; give --init_word")
+    return pieces[0]
 
 
 def job_folder(results: str, config: TrainConfig) -> str:
@@ -115,6 +128,9 @@ def read_checkpoint(path: str) -> dict:
         raise UserError(f"{path} is not a PANDA checkpoint of this program")
     if ckpt.get("format") != PANDA_FORMAT:
         raise UserError(f"{path} has PANDA checkpoint format {ckpt.get('format')!r}, this version reads {PANDA_FORMAT}")
+    missing = sorted({"init_word", "files", "step", "trainable"} - set(ckpt))
+    if missing:
+        raise UserError(f"{path} is not a complete PANDA checkpoint (no {', '.join(missing)})")
     names = {f.name for f in fields(TrainConfig)}
     if set(ckpt["config"]) != names:
         raise UserError(f"{path}: its configuration has fields {sorted(ckpt['config'])}, expected {sorted(names)}")
@@ -147,7 +163,8 @@ def check_resumable(ckpt: dict, path: str, config: TrainConfig, files: dict) -> 
 def training_state(config: TrainConfig, files: dict, step: int, model, optimizer, noise: torch.Generator,
                    losses: torch.Tensor, device: torch.device) -> dict:
     """The whole resumable state, tensors and plain data only."""
-    return {"format": PANDA_FORMAT, "method": METHOD, "config": asdict(config), "files": files, "step": step,
+    return {"format": PANDA_FORMAT, "method": METHOD, "config": asdict(config), "init_word": model.init_word,
+            "files": files, "step": step,
             "trainable": {k: v.detach().cpu() for k, v in model.trainable_state().items()},
             "optimizer": optimizer.state_dict(), "random": {"noise": noise.get_state(), "global": runstate.rng_state(device)},
             "losses": losses[:step].clone()}
@@ -155,7 +172,7 @@ def training_state(config: TrainConfig, files: dict, step: int, model, optimizer
 
 def weights_state(state: dict) -> dict:
     """What a weights-STEP.pt keeps of a training state: the model, not the optimizer or random streams."""
-    return {k: state[k] for k in ("format", "method", "config", "files", "step", "trainable")}
+    return {k: state[k] for k in ("format", "method", "config", "init_word", "files", "step", "trainable")}
 
 
 def losses_csv(losses: torch.Tensor) -> str:
@@ -272,11 +289,14 @@ def plan(dataset: str, root: str, classes: tuple[str, ...], defects: tuple[str, 
 
 
 def build_model(ldm, name: str, init_word: str, precision: str, device: torch.device):
-    """A fresh PANDA model of one (class, defect) on ``device`` (seed the global streams first). tf32 runs the
-    model in fp32 with TF32 matmuls (utils.configure_precision); bf16 autocasts the frozen parts."""
+    """A fresh PANDA model of one (class, defect) on ``device`` (seed the global streams first); ``init_word``
+    is kept as ``model.init_word``. tf32 runs the model in fp32 with TF32 matmuls (utils.configure_precision);
+    bf16 autocasts the frozen parts."""
     from panda.model import Panda
 
-    return Panda(ldm, [name], init_word, precision="bf16" if precision == "bf16" else "fp32").to(device)
+    model = Panda(ldm, [name], init_word, precision="bf16" if precision == "bf16" else "fp32").to(device)
+    model.init_word = init_word
+    return model
 
 
 def run_training(configs: list[TrainConfig], jobs: list[DefectData], ldm_path: str, results: str,
@@ -301,10 +321,11 @@ def run_training(configs: list[TrainConfig], jobs: list[DefectData], ldm_path: s
     from panda.ldm import load_ldm
 
     ldm = load_ldm(ldm_path, device)
-    for config, data in todo:
+    words = [resolve_init_word(ldm.tokenizer, config) for config, _ in todo]  # every job's word, before training any
+    for (config, data), word in zip(todo, words):
         LOG.info("%s: %d anomalies for training (%d held out), %d normal images", config.name, len(data.anomalies),
                  data.held_out, len(data.normals))
         utils.set_seed(config.seed)
-        model = build_model(ldm, config.name, config.init_word, config.precision, device)
+        model = build_model(ldm, config.name, word, config.precision, device)
         train(model, config, data, job_folder(results, config), device, discard_damaged)
     return [os.path.join(job_folder(results, c), CHECKPOINT_NAME) for c in configs]

@@ -65,13 +65,14 @@ def test_train_writes_a_self_describing_tensors_only_checkpoint(trained: Path):
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["method"] == "panda"
     config = ckpt["config"]
-    assert (config["classname"], config["defect"], config["init_word"], config["seed"]) == (CLASS, DEFECT, "scratch", 3407)
+    assert (config["classname"], config["defect"], config["init_word"], config["seed"]) == (CLASS, DEFECT, "", 3407)
+    assert ckpt["init_word"] == "scratch"  # from the defect name
     assert (config["lr"], config["weight_decay"], config["anomaly_split"]) == (1.6e-2, 0.01, "third")
     assert ckpt["files"]["anomalies"] == ["000.png", "001.png"] and ckpt["files"]["held_out"] == 4  # first third
     assert ckpt["losses"].shape == (4, 3) and torch.isfinite(ckpt["losses"]).all()
     assert {"noise", "global"} <= set(ckpt["random"]) and ckpt["optimizer"]["state"]
     first = torch.load(folder / "weights-000002.pt", weights_only=True)
-    assert set(first) == {"format", "method", "config", "files", "step", "trainable"} and first["step"] == 2
+    assert set(first) == {"format", "method", "config", "init_word", "files", "step", "trainable"} and first["step"] == 2
     assert set(first["trainable"]) == set(ckpt["trainable"])
     assert any(not torch.equal(first["trainable"][k], ckpt["trainable"][k]) for k in ckpt["trainable"])  # it learns
 
@@ -206,9 +207,19 @@ class Payload:
         return (open, (self.path, "w"))
 
 
+def test_init_word_from_the_defect_name(ldm: Path):
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(str(ldm / "tokenizer"), local_files_only=True)
+    word = lambda defect, given="": train.resolve_init_word(tokenizer, train.TrainConfig("mvtec", "c", defect, given))
+    assert word("broken_large") == "large" and word("bent_lead") == "bent"  # 'lead' is not in the tiny vocabulary
+    assert word("broken_large", "crack") == "crack"
+    with pytest.raises(main.UserError, match="give --init_word"):
+        word("zzz")
+
+
 def test_defect_tables_and_batch_order():
     assert sum(len(d) for d in panda_data.MVTEC_DEFECTS.values()) == 73 and len(panda_data.MVTEC_DEFECTS["pill"]) == 7
-    assert train.default_init_word("broken_large") == "large" and train.default_init_word("ko") == "ko"
     n, batch = 3, 8
     per_epoch = [train.batch_indices(0, step, n, batch) for step in range(8)]  # 60 draws: 7 batches + 4
     drawn = torch.cat(per_epoch[:8])
