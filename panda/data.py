@@ -9,7 +9,7 @@ generation; ``all``: every anomaly, as the public code). The files are found wit
 ``test/LABEL/``, ``masks/LABEL/`` is a class folder of the ``folder`` dataset).
 
 Images are resized bicubically to S x S (no crop) and scaled to [-1, 1]; masks must be binary (0 and one other
-value) and of their image's size; they are resized bicubically and thresholded at 0.5 to {0, 1}, as the public
+value; a JPEG mask is binarised at half range as everywhere here) and of their image's size; they are resized bicubically and thresholded at 0.5 to {0, 1}, as the public
 code's ``MvtecDataset_singel_anomaly``.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from datasets import btad, folder, mvtec
-from datasets.base import DatasetError, Sample, check_readable, list_images, read_rgb
+from datasets.base import DatasetError, Sample, check_readable, is_lossy, list_images, read_mask, read_rgb
 from datasets.split import split_anomalies
 
 DATASETS = ("mvtec", "btad", "folder")
@@ -158,9 +158,13 @@ def _mask_values(image: Image.Image) -> np.ndarray:
 
 
 def check_binary(path: str) -> None:
-    """DatasetError unless the mask holds at most two values, 0 and one other (0/255, 0/1, ...)."""
+    """DatasetError unless the mask holds at most two values, 0 and one other (0/255, 0/1, ...). A mask stored
+    with lossy compression (JPEG) cannot be: it is binarised at half range as every reader here does
+    (datasets.base.to_binary_mask)."""
     try:
         with Image.open(path) as image:
+            if is_lossy(image):
+                return
             values = np.unique(_mask_values(image))
     except (OSError, ValueError) as exc:
         raise DatasetError(f"Cannot decode mask '{path}' ({type(exc).__name__}); replace or remove it.") from exc
@@ -178,10 +182,8 @@ def load_image(path: str, size: int) -> torch.Tensor:
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
-    """A binary mask file -> [1, S, S] in {0, 1} (bicubic resize of 0/255, then >= 0.5)."""
-    with Image.open(path) as image:
-        values = _mask_values(image)
-    binary = Image.fromarray(((values != 0) * 255).astype(np.uint8), "L").resize((size, size), Image.BICUBIC)
+    """A binary mask file -> [1, S, S] in {0, 1} (read_mask's 0/255, bicubic resize, then >= 0.5)."""
+    binary = read_mask(path).resize((size, size), Image.BICUBIC)
     return (torch.from_numpy(np.asarray(binary, dtype=np.float32) / 255.0) >= MASK_THRESHOLD).float()[None]
 
 

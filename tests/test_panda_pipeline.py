@@ -160,6 +160,15 @@ def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path
     assert not results.exists()
 
 
+def test_a_jpeg_mask_is_binarised_at_half_range_not_refused(tmp_path: Path):
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=60)  # compression noise around the edges
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "m.jpg")))) > 2
+    panda_data.check_binary(str(tmp_path / "m.jpg"))
+    assert torch.equal(panda_data.load_mask(str(tmp_path / "m.jpg"), SIZE)[0], torch.from_numpy(mask / 255.0).float())
+
+
 def test_unwritable_output_and_results_are_refused_before_any_work(trained: Path, root: Path, ldm: Path, tmp_path: Path,
                                                                    capsys):
     blocker = tmp_path / "file"
