@@ -3,7 +3,13 @@
 Each entry builds the network with its pretrained ImageNet weights and lists its *stages*: the
 top-level pieces whose sequential application reproduces the network's forward pass. Layer names
 accepted by ``-le/--layers_to_extract_from`` are stage names, so the feature extractor can stop
-after the last requested one (``common.FeatureExtractor``).
+after the last requested one (``common.FeatureExtractor``). The releases' index-first spelling of
+timm blocks (``2.blocks`` for ``blocks.2``; their hook parser reads ``IDX.BLOCK``) is accepted too.
+
+Every job builds a fresh copy of the network (``fresh_copy``): its constructor's random
+initialisation draws from the global generator before the pretrained weights replace it, exactly as
+the releases' constructor does (RNG_REPLAY_SPEC 3.1), and nothing a job does to the copy (BatchNorm
+statistics, fine-tuning) reaches the next job.
 
 Weights are never downloaded silently into a random model: torchvision weights must already be in
 the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or be downloadable; if neither works a
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,11 +157,32 @@ def load_backbone(name: str, pretrained: bool = True) -> tuple[torch.nn.Module, 
     return model, _entry(name).stages(model)
 
 
+def fresh_copy(name: str, template: torch.nn.Module) -> tuple[torch.nn.Module, Stages]:
+    """A new network ``name`` holding ``template``'s weights and buffers, with its ordered stages.
+
+    The constructor's random initialisation is drawn (from the global CPU generator) and then overwritten:
+    its draws are part of the releases' random stream (RNG_REPLAY_SPEC 3.1).
+    """
+    model = _entry(name).build(False)
+    model.load_state_dict(template.state_dict())
+    return model, _entry(name).stages(model)
+
+
+RELEASE_LAYER = re.compile(r"^(\d+)\.([A-Za-z_]\w*)$")  # the releases' IDX.BLOCK, e.g. 2.blocks
+
+
+def canonical_layer(layer: str) -> str:
+    """Our stage name of a layer given in either spelling: the releases' ``2.blocks`` -> ``blocks.2``; others unchanged."""
+    match = RELEASE_LAYER.match(layer)
+    return f"{match.group(2)}.{match.group(1)}" if match else layer
+
+
 def check_layers(backbone: str, layers: list[str] | tuple[str, ...], stages: Stages) -> None:
     """Raise BackboneError unless ``layers`` are distinct stage names of ``backbone``."""
     names = [name for name, _ in stages]
     for layer in layers:
         if layer not in names:
-            raise BackboneError(f"backbone '{backbone}' has no layer '{layer}'; valid layers: {', '.join(names)}")
+            raise BackboneError(f"backbone '{backbone}' has no layer '{layer}'; valid layers: {', '.join(names)} "
+                                "(timm blocks also as the releases write them, e.g. 2.blocks for blocks.2)")
     if len(set(layers)) != len(layers) or not layers:
         raise BackboneError(f"layers must be distinct and at least one; got {list(layers)}")

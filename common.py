@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ SMOOTHING_SIGMA = 4.0  # Gaussian smoothing of the anomaly maps (Eq. 12)
 SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
 LEAKY_RELU_SLOPE = 0.2  # discriminator activations (both releases)
 PRECISIONS = ("fp32", "tf32", "bf16")
+BACKBONE_STATS = ("release", "imagenet")  # BatchNorm statistics of the frozen backbone (see release_statistics)
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -190,6 +191,32 @@ class Embedder(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return self.patches(self.extractor(images))
 
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the backbone's buffers (its BatchNorm running statistics): what a checkpoint stores."""
+        return {name: t.detach().cpu().clone() for name, t in self.extractor.named_buffers()}
+
+    def load_statistics(self, stats: dict[str, torch.Tensor]) -> None:
+        """Restore ``statistics()``; KeyError/RuntimeError when they belong to another backbone or layers."""
+        own = dict(self.extractor.named_buffers())
+        if set(own) != set(stats):
+            raise KeyError(f"backbone statistics for {len(stats)} buffers, this backbone has {len(own)}")
+        with torch.no_grad():
+            for name, value in stats.items():
+                own[name].copy_(value)
+
+
+def release_statistics(extractor: torch.nn.Module, imagesize: int, device: torch.device) -> None:
+    """The releases' backbone statistics (RNG_REPLAY_SPEC 3.2): while building the model, their
+    ``feature_dimensions`` runs one forward of an all-ones image [1, 3, S, S] through the backbone in train
+    mode, so every BatchNorm updates its running statistics once (momentum 0.1) and every later feature uses
+    them. Draws no random numbers. Stages after the last requested layer are not run: they shape no feature.
+    """
+    was_training = extractor.training
+    extractor.train()
+    with torch.no_grad():
+        extractor(torch.ones(1, 3, imagesize, imagesize, device=device))
+    extractor.train(was_training)
+
 
 # ----------------------------------------------------------------------------------------------
 # P and D (module and parameter names follow the releases, so their state dicts load unchanged)
@@ -285,6 +312,8 @@ class MethodConfig:
     k: float = 0.25
     train_backbone: bool = False
     limit: int = -1  # an epoch ends after the first batch that takes the sample count above this (-1: no limit)
+    backbone_stats: str = "release"  # BatchNorm statistics: the releases' (one train-mode forward) or ImageNet's
+    reseed: int | None = None  # the releases' '.seed-N' backbone suffix: reseed with N once the model is built
     imagesize: int = 288
     batch_size: int = 8
 
@@ -353,6 +382,12 @@ class Method(torch.nn.Module):
 
     def seed_streams(self, seed: int, device: torch.device) -> None:
         """Seed the method's own random streams (called once before training; none by default)."""
+
+    def epoch_draws(self, batch_lengths: Sequence[int], positions: int, device: torch.device
+                    ) -> contextlib.AbstractContextManager:
+        """Context around one training epoch whose steps have these batch lengths (images), in order: a method
+        that draws random numbers every step may draw them ahead from it (none by default)."""
+        return contextlib.nullcontext()
 
     def stream_state(self) -> dict:
         """The state of the method's own random streams (for an exact resume)."""

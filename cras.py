@@ -4,6 +4,7 @@ Reading order:
     CRASConfig        its hyper-parameters, released defaults
     class_centers     the center bank of one class: mean of batch means of P(E(x)) (section 2.4)
     residual_scale    the per-patch noise scale alpha of the distance-guided synthesis (section 2.5, step 4)
+    NoiseStream       an epoch's noise, the release's draws from the global CPU generator, drawn one step ahead
     CRAS              P + D + the banks [C, H*W, D]: initialize (2.4), loss (2.5-2.7), patch_scores (2.8)
 
 Everything else (features, batches, the fit loop, evaluation, checkpoints) is the engine's
@@ -11,8 +12,11 @@ Everything else (features, batches, the fit loop, evaluation, checkpoints) is th
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -82,6 +86,90 @@ def batch_vote(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.argmax()
 
 
+class NoiseStream:
+    """The noise of one epoch's steps, eps_k ~ N(0, std^2) of ``shapes[k]``, exactly as the release draws it: one
+    ``torch.normal`` per step from the global CPU generator (RNG_REPLAY_SPEC 6).
+
+    The draws run one step ahead in a background thread, from a private generator that starts from the global
+    generator's state; when step k's noise is taken, the global generator is set to the state after draw k, so
+    it always reads as if the release's draws had been made in place (a saved training state resumes exactly).
+    For a CUDA ``device`` the draws go into two reused pinned buffers and are copied without blocking (an event
+    guards each buffer's reuse), so the next step's draw overlaps the current step.
+    """
+
+    AHEAD = 1  # draws in flight beyond the one being used
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], std: float, device: torch.device):
+        self.shapes, self.std, self.device = list(shapes), std, device
+        self.pinned = device.type == "cuda"
+        self.generator = torch.Generator()
+        self.expected = torch.get_rng_state()  # the global state before the next draw handed out
+        self.generator.set_state(self.expected)
+        self.buffers: list[torch.Tensor | None] = [None, None]  # pinned staging, by draw parity
+        self.copied: list = [None, None]  # CUDA event: the copy out of buffer i finished
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cras-noise")
+        self.pending: collections.deque = collections.deque()
+        self.taken = 0
+        for k in range(min(self.AHEAD + 1, len(self.shapes))):
+            self.pending.append(self.pool.submit(self._draw, k))
+
+    def _draw(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw k [rows, D] (into a pinned buffer on CUDA) and the private generator's state after it."""
+        rows, dim = self.shapes[k]
+        if self.pinned:
+            slot = k % 2
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the copy out of this buffer two draws ago has finished
+            if self.buffers[slot] is None or self.buffers[slot].numel() < rows * dim:
+                self.buffers[slot] = torch.empty(max(s[0] * s[1] for s in self.shapes), pin_memory=True)
+            out = self.buffers[slot][: rows * dim].view(rows, dim)
+        else:
+            out = torch.empty(rows, dim)
+        out.normal_(0.0, self.std, generator=self.generator)  # the same bits as torch.normal(0, std, shape)
+        return out, self.generator.get_state()
+
+    def next(self) -> torch.Tensor:
+        """The next step's noise on ``device``; the global generator then stands after this draw."""
+        if not self.pending:
+            raise RuntimeError(f"CRAS noise: step {self.taken + 1} of an epoch planned with {len(self.shapes)} steps")
+        if not torch.equal(torch.get_rng_state(), self.expected):
+            raise RuntimeError("CRAS noise: the global random generator was drawn from during the epoch; the "
+                               "release's stream would be lost")
+        out, after = self.pending.popleft().result()
+        torch.set_rng_state(after)
+        self.expected = after
+        k = self.taken
+        self.taken += 1
+        if self.pinned:
+            dev = out.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.copied[k % 2] = event
+        else:
+            dev = out.to(self.device)
+        if k + self.AHEAD + 1 < len(self.shapes):
+            self.pending.append(self.pool.submit(self._draw, k + self.AHEAD + 1))
+        return dev
+
+    def close(self) -> None:
+        """Stop drawing ahead (draws not taken leave the global generator untouched)."""
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending.clear()
+
+
+def noise_draws(shapes: Sequence[tuple[int, int]], std: float, device: torch.device) -> Iterator[torch.Tensor]:
+    """Every noise tensor of ``shapes`` in order, through a NoiseStream (what a training epoch takes; for
+    benchmarks of the CPU draw against the device draw)."""
+    stream = NoiseStream(shapes, std, device)
+    try:
+        for _ in shapes:
+            yield stream.next()
+    finally:
+        stream.close()
+
+
 class CRAS(Method):
     """P + D on the residual [x, x - c] + one center bank [H*W, D] per class (``center`` [C, H*W, D])."""
 
@@ -96,7 +184,8 @@ class CRAS(Method):
         self.projector = Projection(dim, config.pre_proj) if config.pre_proj > 0 else torch.nn.Identity()
         self.discriminator = Discriminator(2 * dim, discriminator_widths(dim, config.dsc_layers))
         self.register_buffer("center", torch.zeros(num_classes, 0, dim))
-        self.noise_generator = torch.Generator()  # seed_streams seeds it (and moves it with noise_device='device')
+        self.noise_generator: torch.Generator | None = None  # noise_device 'device' only (seed_streams)
+        self.noise_stream: NoiseStream | None = None  # the current training epoch's noise (noise_device 'cpu')
 
     # -- centers (spec 2.4) -----------------------------------------------------------------------
     def initialize(self, class_batches: Callable[[int], Iterable[torch.Tensor]], positions: int) -> None:
@@ -107,15 +196,31 @@ class CRAS(Method):
         self.center = torch.stack(banks)  # [C, H*W, D]
 
     def seed_streams(self, seed: int, device: torch.device) -> None:
-        """The noise generator: on the CPU (the release's stream, copied to the device each step) or on ``device``."""
-        where = device if self.config.noise_device == "device" else torch.device("cpu")
-        self.noise_generator = torch.Generator(device=where).manual_seed(seed)
+        """noise_device 'device': a generator of its own on ``device``, seeded with ``seed``. The release's noise
+        ('cpu') comes from the global CPU generator, which the engine seeds and saves."""
+        if self.config.noise_device == "device":
+            self.noise_generator = torch.Generator(device=device).manual_seed(seed)
 
     def stream_state(self) -> dict:
-        return {"noise": self.noise_generator.get_state()}
+        return {} if self.noise_generator is None else {"noise": self.noise_generator.get_state()}
 
     def set_stream_state(self, state: dict) -> None:
-        self.noise_generator.set_state(state["noise"])
+        if self.noise_generator is not None:
+            self.noise_generator.set_state(state["noise"])
+
+    @contextlib.contextmanager
+    def epoch_draws(self, batch_lengths: Sequence[int], positions: int, device: torch.device) -> Iterator[None]:
+        """noise_device 'cpu': the epoch's noise, one [b*positions, D] tensor per step, drawn ahead (NoiseStream)."""
+        if self.config.noise_device == "device" or not batch_lengths:
+            yield
+            return
+        dim = self.config.target_embed_dimension
+        self.noise_stream = NoiseStream([(b * positions, dim) for b in batch_lengths], self.config.noise, device)
+        try:
+            yield
+        finally:
+            self.noise_stream.close()
+            self.noise_stream = None
 
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.config
@@ -135,10 +240,17 @@ class CRAS(Method):
         return torch.gather(bank, 1, idx.unsqueeze(-1).expand(-1, -1, bank.shape[-1]))
 
     def draw_noise(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """eps ~ N(0, noise^2), drawn from the method's generator (on the CPU by default, as the release)."""
-        eps = torch.normal(0.0, self.config.noise, shape, generator=self.noise_generator,
-                           device=self.noise_generator.device)
-        return eps.to(device, non_blocking=True)
+        """eps ~ N(0, noise^2) [N, D]: the epoch's NoiseStream when one is open, else one draw from the global CPU
+        generator (the release's), or from the method's generator on ``device`` with noise_device 'device'."""
+        if self.noise_generator is not None:
+            return torch.normal(0.0, self.config.noise, shape, generator=self.noise_generator,
+                                device=self.noise_generator.device)
+        if self.noise_stream is not None:
+            eps = self.noise_stream.next()
+            if tuple(eps.shape) != tuple(shape):
+                raise RuntimeError(f"CRAS noise: drawn {tuple(eps.shape)} for a step of {tuple(shape)}")
+            return eps
+        return torch.normal(0.0, self.config.noise, shape).to(device)
 
     # -- one training step (spec 2.5-2.6) ---------------------------------------------------------
     def synthesize(self, x: torch.Tensor, c: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ model selection, normal-score statistics, checkpoints and one job's run.
 Reading order:
     Encoder, FeatureSource     images -> patch features [b*H*W, D], embedded once (cached) or per pass
     SharedLoader               the uncached path's one data loader per job, whose workers persist across passes
-    batches_of, epoch_order    the batches of every pass (seeded, independent of caching and loaders)
+    batches_of, data_pass      the batches of every pass: the releases' random stream, drawn explicitly
     TrainSet, ClassTest        a job's training features with class labels; each class's test set
     initialize, train_epoch    centers (the method's rule), one epoch of the method's loss
     evaluate, Trainer          per-class test metrics; the resumable fit loop, best epoch on mean I-AUROC + mean P-AUROC
@@ -39,7 +39,7 @@ import torch
 import metrics
 import utils
 from runstate import DISCARD_DAMAGED_OPTION, Interrupted, load_resumable, rng_state, set_rng_state, stop_requested
-from common import Embedder, Method, MethodConfig, StepStats, autocast
+from common import Embedder, Method, MethodConfig, StepStats, autocast, release_statistics
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
@@ -99,15 +99,37 @@ def batches_of(order: Sequence, batch_size: int) -> list[list]:
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def epoch_order(n: int, seed: int, pass_index: int, stream: int = 0) -> list[int]:
-    """The shuffled order of pass ``pass_index`` (0: center initialization, e >= 1: training epoch e - 1).
+def draw_int64() -> int:
+    """R64: one int64 from the global CPU generator, as a DataLoader iterator draws its base seed and a
+    RandomSampler its seed."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
 
-    Each pass (and each ``stream``, e.g. one per class for per-class center banks) draws from its own
-    generator, so the order does not depend on anything else consuming random numbers (feature
-    caching, evaluation, data-loading workers).
+
+def data_pass(n: int, shuffle: bool) -> tuple[list[int], int]:
+    """The releases' draws for one DataLoader pass over n items (RNG_REPLAY_SPEC 4): (order, base seed).
+
+    The base seed is one R64; a shuffled pass then draws a second R64 s and its order is
+    ``randperm(n)`` from a private generator seeded with s (else the dataset order). Drawn here, explicitly,
+    so the stream does not depend on the feature cache, on loader workers or on how the loader is built.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + pass_index + stream * 1_000_000_007)
-    return torch.randperm(n, generator=gen).tolist()
+    base = draw_int64()
+    if not shuffle:
+        return list(range(n)), base
+    seed = draw_int64()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist(), base
+
+
+def planned_batches(order_length: int, batch_size: int, limit: int, done_steps: int = 0) -> list[int]:
+    """Lengths of the batches an epoch still takes after ``done_steps`` steps: consecutive batches of
+    ``batch_size`` (the last may be smaller), ending after the batch that takes the sample count above
+    ``limit`` unless it is -1."""
+    lengths, samples = [], done_steps * batch_size
+    for start in range(done_steps * batch_size, order_length, batch_size):
+        if limit != -1 and samples > limit:
+            break
+        lengths.append(min(batch_size, order_length - start))
+        samples += lengths[-1]
+    return lengths
 
 
 class ImagesOnly(torch.utils.data.Dataset):
@@ -215,9 +237,12 @@ class FeatureSource:
     def positions(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+    def _loader(self, batches: list[list[int]], seed: int = 0) -> torch.utils.data.DataLoader:
+        """The loader of one pass; its workers' seeds come from a private generator seeded with ``seed`` (the
+        pass's base seed), so building it draws nothing from the global generator."""
         return torch.utils.data.DataLoader(ImagesOnly(self.dataset), batch_sampler=batches, num_workers=self.num_workers,
-                                           pin_memory=self.device.type == "cuda")
+                                           pin_memory=self.device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(seed))
 
     def _embed_all(self) -> torch.Tensor:
         batches = batches_of(range(len(self.dataset)), self.batch_size)
@@ -240,11 +265,11 @@ class FeatureSource:
         if self.cache != "off" and self._features is None:
             self._features = self._embed_all()
 
-    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[torch.Tensor]:
-        """Float32 features [b*H*W, D] of each consecutive batch of ``order``."""
+    def batches(self, order: Sequence[int], train: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
+        """Float32 features [b*H*W, D] of each consecutive batch of ``order`` (``seed``: the pass's base seed)."""
         if self.cache == "off":
             batches = batches_of(order, self.batch_size)
-            loader = self._loader(batches) if self.shared is None else self.shared.batches(self.part, batches)
+            loader = self._loader(batches, seed) if self.shared is None else self.shared.batches(self.part, batches)
             for batch in loader:
                 feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True), train=train)
                 yield feats
@@ -319,17 +344,18 @@ class TrainSet:
     labels: torch.Tensor  # [N] int64 on the device
     class_indices: list[list[int]]  # indices of each class's images in ``source``
 
-    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, order: Sequence[int], train: bool = False, seed: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features [b*H*W, D], class labels [b]) of each consecutive batch of ``order``."""
         index = torch.as_tensor(list(order), dtype=torch.long).to(self.labels.device)
-        for i, feats in enumerate(self.source.batches(order, train=train)):
+        for i, feats in enumerate(self.source.batches(order, train=train, seed=seed)):
             yield feats, self.labels[index[i * self.source.batch_size: (i + 1) * self.source.batch_size]]
 
-    def class_order(self, c: int, seed: int, pass_index: int) -> list[int]:
-        """Class c's images in the shuffled order of a pass (its own stream; class 0 of a one-class job
-        gets exactly ``epoch_order(n, seed, pass_index)``)."""
+    def class_pass(self, c: int) -> tuple[list[int], int]:
+        """A shuffled pass over class c's own images (the releases' per-class loader): (order, base seed)."""
         members = self.class_indices[c]
-        return [members[i] for i in epoch_order(len(members), seed, pass_index, stream=c)]
+        order, base = data_pass(len(members), shuffle=True)
+        return [members[i] for i in order], base
 
 
 @dataclass
@@ -356,13 +382,13 @@ def load_masks(dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def predict(method: Method, source: FeatureSource, order: Sequence[int] | None = None
+def predict(method: Method, source: FeatureSource, order: Sequence[int] | None = None, seed: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image scores [N], anomaly maps [N, S, S] and class per image [N] of ``order`` (default: dataset order),
-    in consecutive batches of the source's batch size."""
+    in consecutive batches of the source's batch size (``seed``: the pass's base seed)."""
     order = range(len(source)) if order is None else order
     scores, maps, classes = [], [], []
-    for feats in source.batches(order):
+    for feats in source.batches(order, seed=seed):
         s, m, c = method.score(feats, source.grid)
         scores.append(s)
         maps.append(m)
@@ -393,13 +419,15 @@ def class_metrics(scores: torch.Tensor, maps: torch.Tensor, test: ClassTest, ful
     return result
 
 
-def evaluate(method: Method, tests: Sequence[ClassTest], full: bool, scores_out: dict | None = None
+def evaluate(method: Method, tests: Sequence[ClassTest], full: bool, scores_out: dict | None = None, draw: bool = True
              ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Per-class metrics {DATASET_CLASS: {...}} and anomaly maps {DATASET_CLASS: [N, S, S]}; ``scores_out``
-    (when given) receives the image scores {DATASET_CLASS: [N]}."""
+    (when given) receives the image scores {DATASET_CLASS: [N]}. One test pass per class, in order, each
+    drawing its base seed as the releases' test loaders do (``draw`` False: a pass the releases do not make)."""
     results, maps = {}, {}
     for test in tests:
-        scores, class_maps, _ = predict(method, test.source)
+        order, base = data_pass(len(test.source), shuffle=False) if draw else (list(range(len(test.source))), 0)
+        scores, class_maps, _ = predict(method, test.source, order, base)
         if not bool(torch.isfinite(scores).all()):
             raise Diverged(f"{int((~torch.isfinite(scores)).sum())} non-finite image scores of {test.name}")
         results[test.name] = class_metrics(scores, class_maps, test, full)
@@ -465,26 +493,35 @@ class FitResult:
     history: list[EpochLog] = field(default_factory=list)
 
 
-def initialize(method: Method, train: TrainSet, seed: int) -> None:
-    """The method's centers from one shuffled pass per class (pass 0) with the untrained projector."""
-    method.initialize(lambda c: (f for f, _ in train.batches(train.class_order(c, seed, 0))), train.source.positions)
+def class_batches(train: TrainSet, c: int) -> Iterator[torch.Tensor]:
+    """Class c's training features [b*H*W, D], batch by batch, in the order of its own shuffled pass (drawn
+    when called)."""
+    order, base = train.class_pass(c)
+    return (f for f, _ in train.batches(order, seed=base))
+
+
+def initialize(method: Method, train: TrainSet) -> None:
+    """The method's centers from one shuffled pass per class, in class order, with the untrained projector."""
+    method.initialize(lambda c: class_batches(train, c), train.source.positions)
 
 
 def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], train: TrainSet, order: Sequence[int],
                 limit: int = -1, steps: list[StepStats] | None = None,
-                after_step: Callable[[list[StepStats]], None] | None = None) -> dict[str, float]:
+                after_step: Callable[[list[StepStats]], None] | None = None, seed: int = 0) -> dict[str, float]:
     """One epoch of steps over ``order`` (stopping after the batch that takes the sample count above
     ``limit`` unless it is -1); the mean of each step statistic, with one synchronisation.
 
     ``steps`` holds the statistics of the epoch's steps already taken (a resumed epoch continues after
-    them); ``after_step(steps)`` runs after every step (it may save the state and stop the run).
+    them); ``after_step(steps)`` runs after every step (it may save the state and stop the run); ``seed``:
+    the pass's base seed. The method learns the epoch's batch lengths first (its per-step draws).
     """
     method.train()
     steps = [] if steps is None else steps
     size = train.source.batch_size
-    samples = len(steps) * size  # every batch before the last is full
-    if not (limit != -1 and samples > limit):
-        for feats, labels in train.batches(order[len(steps) * size:], train=True):
+    lengths = planned_batches(len(order), size, limit, len(steps))
+    rest = order[len(steps) * size: len(steps) * size + sum(lengths)]
+    with method.epoch_draws(lengths, train.source.positions, train.labels.device):
+        for feats, labels in train.batches(rest, train=True, seed=seed):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss, stats = method.loss(feats, labels, train.source.positions)
@@ -492,11 +529,8 @@ def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], tra
             for opt in optimizers:
                 opt.step()
             steps.append(stats)
-            samples += len(labels)
             if after_step is not None:
                 after_step(steps)
-            if limit != -1 and samples > limit:
-                break
     means = torch.stack([torch.stack(list(s.values())) for s in steps]).mean(0).tolist()
     return dict(zip(steps[0], means))
 
@@ -559,14 +593,16 @@ class Trainer:
     stop is requested (after the current step).
     """
 
-    def __init__(self, method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest], seed: int,
+    def __init__(self, method: Method, encoder: Encoder, train: TrainSet, tests: Sequence[ClassTest],
                  hooks: FitHooks | None = None, progress: Callable | None = None):
-        self.method, self.encoder, self.train, self.tests, self.seed = method, encoder, train, tests, seed
+        self.method, self.encoder, self.train, self.tests = method, encoder, train, tests
         self.hooks = hooks or FitHooks()
         self.progress = progress or (lambda it, **_: it)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.epoch = 0  # the epoch being trained (or the next one)
         self.steps: list[StepStats] = []  # statistics of the current epoch's steps taken so far
+        self.order: list[int] | None = None  # the current epoch's shuffled order and base seed, once drawn
+        self.base_seed = 0
         self.best_key, self.best, self.last_metrics = -math.inf, None, {}
         self.history: list[EpochLog] = []
         self._saved_at, self._save_seconds = time.monotonic(), 0.0
@@ -575,6 +611,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "epoch": self.epoch, "steps": [{k: v.detach().cpu() for k, v in s.items()} for s in self.steps],
+            "order": self.order, "base_seed": self.base_seed,
             "center": self.method.center.cpu(), "modules": trained_state(self.method, self.encoder),
             "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.method.center.device),
             "method_rng": self.method.stream_state(), "best_key": self.best_key,
@@ -584,7 +621,7 @@ class Trainer:
 
     def start(self) -> None:
         with self.hooks.timer("center"):
-            initialize(self.method, self.train, self.seed)
+            initialize(self.method, self.train)
         self.optimizers = make_optimizers(self.method, self.encoder)
 
     def resume(self, state: dict) -> None:
@@ -598,6 +635,7 @@ class Trainer:
         self.method.set_stream_state(state["method_rng"])
         self.epoch = state["epoch"]
         self.steps = [{k: v.to(device) for k, v in s.items()} for s in state["steps"]]
+        self.order, self.base_seed = state["order"], state["base_seed"]
         self.best_key, self.last_metrics = state["best_key"], state["last_metrics"]
         self.best = None if state["best"] is None else Snapshot(**state["best"])
         self.history = [EpochLog(**log) for log in state["history"]]
@@ -626,10 +664,12 @@ class Trainer:
         bar = self.progress(range(self.epoch, cfg.meta_epochs), desc="epochs", total=cfg.meta_epochs, initial=self.epoch)
         for epoch in bar:
             self.epoch = epoch
-            order = epoch_order(len(self.train.source), self.seed, epoch + 1)
+            if self.order is None:  # not drawn yet (a resumed epoch continues in its saved order)
+                self.order, self.base_seed = data_pass(len(self.train.source), shuffle=True)
             with self.hooks.timer("train"):
-                log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, order, cfg.limit,
-                                                  self.steps, self._check_stop), step_table(self.steps))
+                log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, self.order, cfg.limit,
+                                                  self.steps, self._check_stop, seed=self.base_seed),
+                               step_table(self.steps))
             bad = [k for k, v in log.stats.items() if not math.isfinite(v)]
             if bad:
                 raise Diverged(f"epoch {epoch}: {', '.join(f'{k} = {log.stats[k]}' for k in bad)}")
@@ -649,7 +689,7 @@ class Trainer:
                     if self.hooks.on_best is not None:
                         self.hooks.on_best(self.best)
             self.history.append(log)
-            self.epoch, self.steps = epoch + 1, []
+            self.epoch, self.steps, self.order = epoch + 1, [], None
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{log.stats['loss']:.4f}", p_true=f"{log.stats['p_true']:.2f}",
                                 p_fake=f"{log.stats['p_fake']:.2f}", i_auroc=f"{log.image_auroc:.4f}",
@@ -940,7 +980,7 @@ def train_job(job: Job, settings: RunSettings, method: Method, encoder: Encoder,
     def on_best(snapshot: Snapshot) -> None:
         utils.save_torch(checkpoint_dict(settings, job, method, False, best=snapshot.__dict__), job.checkpoint)
 
-    trainer = Trainer(method, encoder, train, tests, job.seed, FitHooks(on_best=on_best, save_state=save_state),
+    trainer = Trainer(method, encoder, train, tests, FitHooks(on_best=on_best, save_state=save_state),
                       progress)
     saved = read_train_state(job)
     if saved is not None:
@@ -1011,13 +1051,42 @@ class TensorBoard:
         self.writer.add_hparams(flat, {**best, "hparam/best_epoch": result.best.epoch}, run_name="hparams")
 
 
-def run_job(job: Job, settings: RunSettings, embedder: Embedder, device: torch.device,
+def build_model(job: Job, settings: RunSettings, make_embedder: Callable[[], Embedder], device: torch.device
+                ) -> tuple[Method, Encoder]:
+    """The job's modules in the releases' order and random stream (RNG_REPLAY_SPEC 2-3): seed, a fresh backbone
+    (its constructor's draws), its BatchNorm statistics (``backbone_stats`` 'release'), P and D; then the
+    '.seed-N' reseed when given."""
+    cfg = settings.config
+    utils.set_seed(job.seed)  # the initial weights come from it
+    embedder = make_embedder().to(device)
+    if cfg.backbone_stats == "release":
+        release_statistics(embedder.extractor, cfg.imagesize, device)
+    method = settings.method(cfg, len(job.classnames), settings.precision).to(device)
+    stream_seed = job.seed if cfg.reseed is None else cfg.reseed
+    if cfg.reseed is not None:
+        utils.set_seed(cfg.reseed)  # data order and noise come from N
+    method.seed_streams(stream_seed, device)
+    return method, Encoder(embedder, settings.precision, cfg.train_backbone)
+
+
+def restore_statistics(encoder: Encoder, stats: dict, source: str) -> None:
+    """The backbone statistics stored with a checkpoint; a one-line UserError when they do not fit."""
+    try:
+        encoder.embedder.load_statistics(stats)
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{source}: its backbone statistics do not fit the backbone ({str(exc).splitlines()[0]})") from exc
+
+
+def run_job(job: Job, settings: RunSettings, make_embedder: Callable[[], Embedder], device: torch.device,
             progress: Callable = utils.progress) -> dict[str, dict]:
-    """Train (or reuse, or load released weights) and test one job; return its results.csv rows by class."""
-    utils.set_seed(job.seed)  # before the modules are built: their initial weights come from it
-    method = settings.method(settings.config, len(job.classnames), settings.precision).to(device)
-    method.seed_streams(job.seed, device)
-    encoder = Encoder(embedder.to(device), settings.precision, settings.config.train_backbone)
+    """Train (or reuse, or load released weights) and test one job; return its results.csv rows by class.
+
+    ``make_embedder()`` builds a fresh embedder on the pretrained backbone; it is called once the job is seeded.
+    """
+    method, encoder = build_model(job, settings, make_embedder, device)
+    if job.finished:  # score with the statistics it was trained with (before any feature is cached)
+        restore_statistics(encoder, read_checkpoint(job.checkpoint, settings.method.name)["backbone_stats"],
+                           job.checkpoint)
     train, tests = job_sources(job, encoder, settings, device, progress)
     try:
         return train_and_test(job, settings, method, encoder, train, tests, progress)
@@ -1047,12 +1116,12 @@ def train_and_test(job: Job, settings: RunSettings, method: Method, encoder: Enc
         fitted, parts["train_seconds"] = train_job(job, settings, method, encoder, train, tests, progress)
         best, last = fitted.best, fitted.last
 
-    if last.epoch != best.epoch:
+    if last.epoch != best.epoch:  # not a pass of the releases' testers: it draws nothing
         load_trained_state(method, encoder, last.state)
-        last_metrics, _ = evaluate(method, tests, full=True)
+        last_metrics, _ = evaluate(method, tests, full=True, draw=False)
     load_trained_state(method, encoder, best.state)
     scores: dict[str, torch.Tensor] = {}
-    best_metrics, maps = evaluate(method, tests, full=True, scores_out=scores)
+    best_metrics, maps = evaluate(method, tests, full=True, scores_out=scores)  # the releases' tester
     if last.epoch == best.epoch:
         last_metrics = best_metrics
     for test, ds in zip(tests, job.tests):
@@ -1067,6 +1136,7 @@ def train_and_test(job: Job, settings: RunSettings, method: Method, encoder: Enc
             best={"epoch": best.epoch, "state": best.state, "metrics": best_metrics},
             last={"epoch": last.epoch, "state": last.state, "metrics": last_metrics},
             normal_scores=normal_score_statistics(method, train, job.row_names),  # the best state is loaded
+            backbone_stats=encoder.embedder.statistics(),
             torch_version=str(torch.__version__), **parts), job.checkpoint)
         if os.path.exists(job.train_state):
             os.remove(job.train_state)  # the finished checkpoint supersedes it

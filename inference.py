@@ -88,7 +88,7 @@ def read_checkpoint(path: str, methods: dict[str, type[Method]]) -> dict:
         raise UserError(f"{path} is not a complete checkpoint: its configuration lacks 'resize' or its class list")
     if not ckpt.get("complete"):
         raise UserError(f"{path} is from an unfinished training run; finish training it first (main.py --test ckpt ...)")
-    missing = [key for key in ("center", "best") if key not in ckpt]
+    missing = [key for key in ("center", "best", "backbone_stats") if key not in ckpt]
     if missing or not isinstance(ckpt["best"], dict) or "state" not in ckpt["best"]:
         raise UserError(f"{path} is not a complete checkpoint (missing {', '.join(missing) or 'best state'})")
     return ckpt
@@ -119,8 +119,8 @@ def load_model(path: str, device: torch.device, methods: dict[str, type[Method]]
                ) -> tuple[LoadedModel, dict]:
     """A checkpoint -> (its model with the best state, in eval mode on ``device``; the checkpoint dict).
 
-    Builds the backbone with its pretrained weights (BackboneError when they are missing). CRAS models
-    use the per-image class vote.
+    Builds the backbone with its pretrained weights (BackboneError when they are missing) and the BatchNorm
+    statistics stored with the checkpoint (those it was trained with). CRAS models use the per-image class vote.
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
@@ -134,6 +134,7 @@ def load_model(path: str, device: torch.device, methods: dict[str, type[Method]]
     embedder = Embedder(stages, config.layers, config.patchsize, config.pretrain_embed_dimension,
                         config.target_embed_dimension)
     encoder = engine.Encoder(embedder.to(device), precision, config.train_backbone)
+    engine.restore_statistics(encoder, ckpt["backbone_stats"], f"checkpoint {path}")  # as trained
     method = method_cls(config, len(ckpt["classes"]), precision).to(device)
     engine.restore(method, encoder, ckpt["best"]["state"], ckpt["center"], f"checkpoint {path}")
     method.eval()

@@ -41,7 +41,7 @@ import engine
 import pbas
 import runstate
 import utils
-from common import PRECISIONS, Embedder, Method
+from common import BACKBONE_STATS, PRECISIONS, Embedder, Method
 from datasets.split import ANOMALY_SPLITS
 from panda import data as panda_data
 from segment import networks as segment_networks
@@ -186,8 +186,11 @@ def main(**_: object) -> None:
               help="CRAS test-time class bank: batch = the majority class of each test batch (release); image = each "
                    "image's own nearest bank. predict and export always use image.")
 @click.option("--noise_device", type=click.Choice(cras.NOISE_DEVICES), default=None, show_default=both("noise_device"),
-              help="CRAS: draw the noise from the CPU generator and copy it (release) or on the compute device (faster "
-                   "on GPUs, another random stream).")
+              help="CRAS: draw the noise from the global CPU generator, one step ahead, and copy it (release) or on the "
+                   "compute device (faster on GPUs, another random stream).")
+@click.option("--backbone_stats", type=click.Choice(BACKBONE_STATS), default="release",
+              help="BatchNorm statistics of the frozen backbone: release = the releases' (one train-mode forward of an "
+                   "all-ones image while building the model); imagenet = the pretrained ones untouched (a departure).")
 @click.pass_context
 def net_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
     """Network and training options."""
@@ -292,6 +295,20 @@ def check_ranges(method: str, net: dict, data: dict) -> None:
                         "would pad the images with black borders")
 
 
+SEED_SUFFIX = ".seed-"  # the releases' backbone suffix NAME.seed-N
+
+
+def split_seed_suffix(name: str) -> tuple[str, int | None]:
+    """'NAME.seed-N' -> (NAME, N): the releases reseed with N once the model is built (data order and noise
+    then come from N, the initial weights from --seed); a name without the suffix -> (name, None)."""
+    if SEED_SUFFIX not in name:
+        return name, None
+    base, _, value = name.rpartition(SEED_SUFFIX)
+    if not value.isdigit():
+        raise UserError(f"backbone '{name}': the suffix '{SEED_SUFFIX}N' needs a non-negative integer N")
+    return base, int(value)
+
+
 def default_classes(dataset: str, given: tuple[str, ...]) -> list[str]:
     """The classes given with -d, else the dataset's official ones (a dataset without a list needs -d)."""
     if given:
@@ -327,8 +344,9 @@ class RunOptions:
     def from_cli(cls, g: dict, net: dict, net_given: dict, data: dict, data_given: dict) -> "RunOptions":
         method = g["method"]
         net, data = resolve_method_options(method, net, net_given, data, data_given)
-        if len(net["backbone_names"]) != 1 or ".seed-" in net["backbone_names"][0]:
-            raise UserError(f"give exactly one backbone with -b (no '.seed-N' suffix: use --seed); got {list(net['backbone_names'])}")
+        if len(net["backbone_names"]) != 1:
+            raise UserError(f"give exactly one backbone with -b; got {list(net['backbone_names'])}")
+        backbone, reseed = split_seed_suffix(net["backbone_names"][0])
         name = data["name"]
         if any(seed < 0 for seed in g["seed"]):
             raise UserError(f"--seed must be non-negative, got {list(g['seed'])}")
@@ -340,8 +358,8 @@ class RunOptions:
         Config = METHODS[method].Config
         fields = set(Config.__dataclass_fields__) - set(NOT_FOR[method])
         values = {k: v for k, v in net.items() if k in fields}
-        values.update(backbone=net["backbone_names"][0], layers=tuple(net["layers"]), imagesize=data["imagesize"],
-                      batch_size=data["batch_size"])
+        values.update(backbone=backbone, reseed=reseed, layers=tuple(backbones.canonical_layer(l) for l in net["layers"]),
+                      imagesize=data["imagesize"], batch_size=data["batch_size"])
         config = Config(**values)
         cache = g["cache"]
         if config.train_backbone and cache not in ("auto", "off"):
@@ -505,14 +523,18 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
     utils.configure_precision(opts.precision, device)
     settings = opts.settings()
     cfg = opts.config
-    stages = None
+    template = None  # the pretrained backbone, read once; each job gets a fresh copy (statistics, fine-tuning)
+
+    def make_embedder() -> Embedder:
+        _, stages = backbones.fresh_copy(cfg.backbone, template)
+        return Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
+
     for index, job in jobs:
         LOG.info("=== %s %s (%s)", opts.method.upper(), job.name, device)
         try:
-            if stages is None or cfg.train_backbone:  # a fine-tuned backbone must not leak into the next job
-                _, stages = backbones.load_backbone(cfg.backbone)
-            embedder = Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
-            rows = engine.run_job(job, settings, embedder, device)
+            if template is None:
+                template, _ = backbones.load_backbone(cfg.backbone)
+            rows = engine.run_job(job, settings, make_embedder, device)
         except runstate.Interrupted as exc:
             exc.job = job.name
             raise

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
 
 LOG = logging.getLogger("pbas")
-CHECKPOINT_FORMAT = 2  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs
+CHECKPOINT_FORMAT = 3  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs;
+# 3: the backbone's BatchNorm statistics ('backbone_stats') and the random stream of the releases
 # What torch.load raises on a file that is not a checkpoint of ours (random bytes, truncated, foreign pickle).
 CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError, KeyError, IndexError,
                           pickle.UnpicklingError, OverflowError, MemoryError)

@@ -226,7 +226,7 @@ def measure(bench: Bench, cache: str, precision: str) -> PathTiming:
         torch.cuda.reset_peak_memory_stats(device)
     embed_s, _ = timed(device, lambda: [s.prepare() for s in (train.source, *(t.source for t in tests))])
     timer = PhaseTimer(device)
-    trainer = engine.Trainer(method, encoder, train, tests, seed, engine.FitHooks(timer=timer), silent)
+    trainer = engine.Trainer(method, encoder, train, tests, engine.FitHooks(timer=timer), silent)
     trainer.start()
     run_s, fitted = timed(device, trainer.run)
     final_s, (final, _) = timed(device, lambda: engine.evaluate(method, tests, full=True))  # the last state

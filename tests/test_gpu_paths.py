@@ -75,7 +75,7 @@ def tiny_trainer(method: str, train_feats: torch.Tensor, hooks: engine.FitHooks 
     test = engine.ClassTest("mvtec_tiny", stored_source(test_feats.to(device), 4),
                             torch.tensor([0] * 4 + [1] * 4, device=device), masks.to(device))
     encoder = types.SimpleNamespace(train_backbone=False)  # make_optimizers/trained_state read only this
-    trainer = engine.Trainer(model, encoder, train, [test], 0, hooks)
+    trainer = engine.Trainer(model, encoder, train, [test], hooks)
     trainer.start()
     return trainer
 
