@@ -105,18 +105,19 @@ def draw_int64() -> int:
     return int(torch.empty((), dtype=torch.int64).random_().item())
 
 
-def data_pass(n: int, shuffle: bool) -> tuple[list[int], int]:
-    """The releases' draws for one DataLoader pass over n items (RNG_REPLAY_SPEC 4): (order, base seed).
+def data_pass(n: int, shuffle: bool) -> list[int]:
+    """The releases' draws for one DataLoader pass over n items (RNG_REPLAY_SPEC 4) and the pass's order.
 
-    The base seed is one R64; a shuffled pass then draws a second R64 s and its order is
-    ``randperm(n)`` from a private generator seeded with s (else the dataset order). Drawn here, explicitly,
+    The loader's base seed is one R64 (drawn, then unused: our loaders seed their workers from a generator of
+    their own, and the datasets draw nothing in them); a shuffled pass then draws a second R64 s and its order
+    is ``randperm(n)`` from a private generator seeded with s (else the dataset order). Drawn here, explicitly,
     so the stream does not depend on the feature cache, on loader workers or on how the loader is built.
     """
-    base = draw_int64()
+    draw_int64()  # the base seed
     if not shuffle:
-        return list(range(n)), base
+        return list(range(n))
     seed = draw_int64()
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist(), base
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def planned_batches(order_length: int, batch_size: int, limit: int, done_steps: int = 0) -> list[int]:
@@ -237,12 +238,12 @@ class FeatureSource:
     def positions(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def _loader(self, batches: list[list[int]], seed: int = 0) -> torch.utils.data.DataLoader:
-        """The loader of one pass; its workers' seeds come from a private generator seeded with ``seed`` (the
-        pass's base seed), so building it draws nothing from the global generator."""
+    def _loader(self, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+        """The loader of one pass; its workers' seeds come from a generator of its own, so that building it
+        draws nothing from the global generator (the releases' draws are data_pass's)."""
         return torch.utils.data.DataLoader(ImagesOnly(self.dataset), batch_sampler=batches, num_workers=self.num_workers,
                                            pin_memory=self.device.type == "cuda",
-                                           generator=torch.Generator().manual_seed(seed))
+                                           generator=torch.Generator())
 
     def _embed_all(self) -> torch.Tensor:
         batches = batches_of(range(len(self.dataset)), self.batch_size)
@@ -265,11 +266,11 @@ class FeatureSource:
         if self.cache != "off" and self._features is None:
             self._features = self._embed_all()
 
-    def batches(self, order: Sequence[int], train: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
-        """Float32 features [b*H*W, D] of each consecutive batch of ``order`` (``seed``: the pass's base seed)."""
+    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[torch.Tensor]:
+        """Float32 features [b*H*W, D] of each consecutive batch of ``order``."""
         if self.cache == "off":
             batches = batches_of(order, self.batch_size)
-            loader = self._loader(batches, seed) if self.shared is None else self.shared.batches(self.part, batches)
+            loader = self._loader(batches) if self.shared is None else self.shared.batches(self.part, batches)
             for batch in loader:
                 feats, _ = self.encoder(batch["image"].to(self.device, non_blocking=True), train=train)
                 yield feats
@@ -344,18 +345,16 @@ class TrainSet:
     labels: torch.Tensor  # [N] int64 on the device
     class_indices: list[list[int]]  # indices of each class's images in ``source``
 
-    def batches(self, order: Sequence[int], train: bool = False, seed: int = 0
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, order: Sequence[int], train: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(features [b*H*W, D], class labels [b]) of each consecutive batch of ``order``."""
         index = torch.as_tensor(list(order), dtype=torch.long).to(self.labels.device)
-        for i, feats in enumerate(self.source.batches(order, train=train, seed=seed)):
+        for i, feats in enumerate(self.source.batches(order, train=train)):
             yield feats, self.labels[index[i * self.source.batch_size: (i + 1) * self.source.batch_size]]
 
-    def class_pass(self, c: int) -> tuple[list[int], int]:
-        """A shuffled pass over class c's own images (the releases' per-class loader): (order, base seed)."""
+    def class_pass(self, c: int) -> list[int]:
+        """The order of a shuffled pass over class c's own images (the releases' per-class loader)."""
         members = self.class_indices[c]
-        order, base = data_pass(len(members), shuffle=True)
-        return [members[i] for i in order], base
+        return [members[i] for i in data_pass(len(members), shuffle=True)]
 
 
 @dataclass
@@ -382,13 +381,13 @@ def load_masks(dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def predict(method: Method, source: FeatureSource, order: Sequence[int] | None = None, seed: int = 0
+def predict(method: Method, source: FeatureSource, order: Sequence[int] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image scores [N], anomaly maps [N, S, S] and class per image [N] of ``order`` (default: dataset order),
-    in consecutive batches of the source's batch size (``seed``: the pass's base seed)."""
+    in consecutive batches of the source's batch size."""
     order = range(len(source)) if order is None else order
     scores, maps, classes = [], [], []
-    for feats in source.batches(order, seed=seed):
+    for feats in source.batches(order):
         s, m, c = method.score(feats, source.grid)
         scores.append(s)
         maps.append(m)
@@ -426,8 +425,9 @@ def evaluate(method: Method, tests: Sequence[ClassTest], full: bool, scores_out:
     drawing its base seed as the releases' test loaders do (``draw`` False: a pass the releases do not make)."""
     results, maps = {}, {}
     for test in tests:
-        order, base = data_pass(len(test.source), shuffle=False) if draw else (list(range(len(test.source))), 0)
-        scores, class_maps, _ = predict(method, test.source, order, base)
+        if draw:
+            data_pass(len(test.source), shuffle=False)  # the base seed of the release's test loader
+        scores, class_maps, _ = predict(method, test.source)
         if not bool(torch.isfinite(scores).all()):
             raise Diverged(f"{int((~torch.isfinite(scores)).sum())} non-finite image scores of {test.name}")
         results[test.name] = class_metrics(scores, class_maps, test, full)
@@ -496,8 +496,7 @@ class FitResult:
 def class_batches(train: TrainSet, c: int) -> Iterator[torch.Tensor]:
     """Class c's training features [b*H*W, D], batch by batch, in the order of its own shuffled pass (drawn
     when called)."""
-    order, base = train.class_pass(c)
-    return (f for f, _ in train.batches(order, seed=base))
+    return (f for f, _ in train.batches(train.class_pass(c)))
 
 
 def initialize(method: Method, train: TrainSet) -> None:
@@ -507,13 +506,13 @@ def initialize(method: Method, train: TrainSet) -> None:
 
 def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], train: TrainSet, order: Sequence[int],
                 limit: int = -1, steps: list[StepStats] | None = None,
-                after_step: Callable[[list[StepStats]], None] | None = None, seed: int = 0) -> dict[str, float]:
+                after_step: Callable[[list[StepStats]], None] | None = None) -> dict[str, float]:
     """One epoch of steps over ``order`` (stopping after the batch that takes the sample count above
     ``limit`` unless it is -1); the mean of each step statistic, with one synchronisation.
 
     ``steps`` holds the statistics of the epoch's steps already taken (a resumed epoch continues after
-    them); ``after_step(steps)`` runs after every step (it may save the state and stop the run); ``seed``:
-    the pass's base seed. The method learns the epoch's batch lengths first (its per-step draws).
+    them); ``after_step(steps)`` runs after every step (it may save the state and stop the run). The method
+    learns the epoch's batch lengths first (its per-step draws).
     """
     method.train()
     steps = [] if steps is None else steps
@@ -521,7 +520,7 @@ def train_epoch(method: Method, optimizers: Sequence[torch.optim.Optimizer], tra
     lengths = planned_batches(len(order), size, limit, len(steps))
     rest = order[len(steps) * size: len(steps) * size + sum(lengths)]
     with method.epoch_draws(lengths, train.source.positions, train.labels.device):
-        for feats, labels in train.batches(rest, train=True, seed=seed):
+        for feats, labels in train.batches(rest, train=True):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss, stats = method.loss(feats, labels, train.source.positions)
@@ -601,8 +600,7 @@ class Trainer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.epoch = 0  # the epoch being trained (or the next one)
         self.steps: list[StepStats] = []  # statistics of the current epoch's steps taken so far
-        self.order: list[int] | None = None  # the current epoch's shuffled order and base seed, once drawn
-        self.base_seed = 0
+        self.order: list[int] | None = None  # the current epoch's shuffled order, once drawn
         self.best_key, self.best, self.last_metrics = -math.inf, None, {}
         self.history: list[EpochLog] = []
         self._saved_at, self._save_seconds = time.monotonic(), 0.0
@@ -611,7 +609,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "epoch": self.epoch, "steps": [{k: v.detach().cpu() for k, v in s.items()} for s in self.steps],
-            "order": self.order, "base_seed": self.base_seed,
+            "order": self.order,
             "center": self.method.center.cpu(), "modules": trained_state(self.method, self.encoder),
             "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(self.method.center.device),
             "method_rng": self.method.stream_state(), "best_key": self.best_key,
@@ -635,7 +633,7 @@ class Trainer:
         self.method.set_stream_state(state["method_rng"])
         self.epoch = state["epoch"]
         self.steps = [{k: v.to(device) for k, v in s.items()} for s in state["steps"]]
-        self.order, self.base_seed = state["order"], state["base_seed"]
+        self.order = state["order"]
         self.best_key, self.last_metrics = state["best_key"], state["last_metrics"]
         self.best = None if state["best"] is None else Snapshot(**state["best"])
         self.history = [EpochLog(**log) for log in state["history"]]
@@ -665,10 +663,10 @@ class Trainer:
         for epoch in bar:
             self.epoch = epoch
             if self.order is None:  # not drawn yet (a resumed epoch continues in its saved order)
-                self.order, self.base_seed = data_pass(len(self.train.source), shuffle=True)
+                self.order = data_pass(len(self.train.source), shuffle=True)
             with self.hooks.timer("train"):
                 log = EpochLog(epoch, train_epoch(self.method, self.optimizers, self.train, self.order, cfg.limit,
-                                                  self.steps, self._check_stop, seed=self.base_seed),
+                                                  self.steps, self._check_stop),
                                step_table(self.steps))
             bad = [k for k, v in log.stats.items() if not math.isfinite(v)]
             if bad:

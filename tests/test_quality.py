@@ -13,7 +13,9 @@ import main
 from datasets.synthetic import make_dataset
 
 NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "256",
-       "--target_embed_dimension", "256", "--dsc_hidden", "256", "--meta_epochs", "25"]  # shell/run-demo.sh, 25 epochs
+       "--target_embed_dimension", "256", "--dsc_hidden", "256", "--meta_epochs", "30"]  # shell/run-demo.sh, 30 epochs
+# 30, not 25: with the releases' random stream the object class learns later (P-AUROC at epoch 24: 0.79, 29: 0.86,
+# 59: 0.98; the stream of earlier versions passed at 25), so 25 epochs left the mean P-AUROC at 0.883
 DATA = ["dataset", "--batch_size", "8", "--resize", "128", "--imagesize", "128", "--num_workers", "0",
         "-d", "texture", "-d", "object", "mvtec"]
 

@@ -34,13 +34,13 @@ def stop_after(monkeypatch, steps: int, signum: int) -> None:
     taken = {"n": 0}
     train_epoch = engine.train_epoch
 
-    def wrapped(method, optimizers, train, order, limit=-1, done=None, after_step=None, **kwargs):
+    def wrapped(method, optimizers, train, order, limit=-1, done=None, after_step=None):
         def hook(so_far):
             taken["n"] += 1
             if taken["n"] == steps:
                 runstate.request_stop(signum)
             after_step(so_far)
-        return train_epoch(method, optimizers, train, order, limit, done, hook, **kwargs)
+        return train_epoch(method, optimizers, train, order, limit, done, hook)
 
     monkeypatch.setattr(engine, "train_epoch", wrapped)
 
