@@ -175,7 +175,8 @@ def main() -> int:
     if full:  # the public protocol's totals, from the measured rates
         lines += ["| precision | ms / train step | ms / sampler step / image | peak memory | h per defect type "
                   "(80k steps + 2000 x 1000 steps) | h for MVTec AD (73 types) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {p} | {t:.1f} | {s:.2f} | {m} | {h:.2f} | {h * MVTEC_DEFECT_TYPES:.0f} |" for p, t, s, m, h in rows]
+        lines += [f"| {p} | {t:.1f} | {s:.2f} | {m} | {h:.2f} | {h * MVTEC_DEFECT_TYPES:.0f} |"
+                  for p, t, s, m, h in rows]
     else:
         lines += ["| precision | ms / train step | ms / sampler step / image | peak memory |", "|---|---|---|---|"]
         lines += [f"| {p} | {t:.1f} | {s:.2f} | {m} |" for p, t, s, m, _ in rows]

@@ -9,8 +9,8 @@ generation; ``all``: every anomaly, as the public code). The files are found wit
 ``test/LABEL/``, ``masks/LABEL/`` is a class folder of the ``folder`` dataset).
 
 Images are resized bicubically to S x S (no crop) and scaled to [-1, 1]; masks must be binary (0 and one other
-value; a JPEG mask is binarised at half range as everywhere here) and of their image's size; they are resized bicubically and thresholded at 0.5 to {0, 1}, as the public
-code's ``MvtecDataset_singel_anomaly``.
+value; a JPEG mask is binarised at half range as everywhere here) and of their image's size; they are resized
+bicubically and thresholded at 0.5 to {0, 1}, as the public code's ``MvtecDataset_singel_anomaly``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from datasets import btad, folder, mvtec
-from datasets.base import DatasetError, Sample, check_readable, is_lossy, list_images, read_mask, read_rgb
+from datasets.base import (DatasetError, Sample, check_readable, is_lossy, list_images, list_subfolders, read_mask,
+                           read_rgb)
 from datasets.split import split_anomalies
 
 DATASETS = ("mvtec", "btad", "folder")
@@ -100,8 +101,7 @@ def _anomalous_labels(test_dir: str, normal: tuple[str, ...]) -> list[str]:
     """Sub-folders of ``test_dir`` that are not normal labels (case-insensitive)."""
     if not os.path.isdir(test_dir):
         raise DatasetError(f"Test folder '{test_dir}' is missing; put the anomalous images in '{test_dir}/DEFECT/'.")
-    labels = [name for name in sorted(os.listdir(test_dir))
-              if os.path.isdir(os.path.join(test_dir, name)) and not name.startswith(".") and name.lower() not in normal]
+    labels = [name for name in list_subfolders(test_dir) if name.lower() not in normal]
     if not labels:
         raise DatasetError(f"Test folder '{test_dir}' has no anomalous sub-folder (test/DEFECT/ with images).")
     return labels
@@ -128,8 +128,9 @@ def _defect_samples(dataset: str, class_path: str, defect: str) -> list[Sample]:
     reader = btad.test_split if dataset == "btad" else folder.test_split
     samples = [sample for sample in reader(class_path) if sample.defect == defect]
     if any(sample.mask_path is None for sample in samples):
-        raise DatasetError(f"Defect '{defect}' has no masks: add '{os.path.join(class_path, folder.MASK_DIRS[1], defect)}' "
-                           "with one mask per anomalous image, named like it; PANDA learns from masked anomalies.")
+        wanted = os.path.join(class_path, folder.MASK_DIRS[1], defect)
+        raise DatasetError(f"Defect '{defect}' has no masks: add '{wanted}' with one mask per anomalous image, named "
+                           "like it; PANDA learns from masked anomalies.")
     return samples
 
 

@@ -55,7 +55,8 @@ class GenerateOptions:
         if self.pairs <= 0 or self.batch_size <= 0:
             raise UserError(f"--pairs and --batch_size must be positive, got {self.pairs} and {self.batch_size}")
         if not MIN_SAMPLER_STEPS <= self.sampler_steps <= NUM_TIMESTEPS:
-            raise UserError(f"--sampler_steps must be in [{MIN_SAMPLER_STEPS}, {NUM_TIMESTEPS}], got {self.sampler_steps}")
+            raise UserError(f"--sampler_steps must be in [{MIN_SAMPLER_STEPS}, {NUM_TIMESTEPS}], "
+                            f"got {self.sampler_steps}")
 
 
 @dataclass(frozen=True)

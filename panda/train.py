@@ -72,7 +72,8 @@ class TrainConfig:
         if self.imagesize % 8:
             raise UserError(f"--imagesize must be a multiple of 8 (the VAE's factor), got {self.imagesize}")
         if not self.lr > 0 or not self.weight_decay >= 0:
-            raise UserError(f"--lr must be positive and --weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+            raise UserError(f"--lr must be positive and --weight_decay non-negative, got {self.lr}, "
+                            f"{self.weight_decay}")
         if self.anomaly_split not in ANOMALY_SPLITS:
             raise UserError(f"--anomaly_split must be one of {', '.join(ANOMALY_SPLITS)}")
         if self.precision not in PRECISIONS:
@@ -166,7 +167,8 @@ def training_state(config: TrainConfig, files: dict, step: int, model, optimizer
     return {"format": PANDA_FORMAT, "method": METHOD, "config": asdict(config), "init_word": model.init_word,
             "files": files, "step": step,
             "trainable": {k: v.detach().cpu() for k, v in model.trainable_state().items()},
-            "optimizer": optimizer.state_dict(), "random": {"noise": noise.get_state(), "global": runstate.rng_state(device)},
+            "optimizer": optimizer.state_dict(),
+            "random": {"noise": noise.get_state(), "global": runstate.rng_state(device)},
             "losses": losses[:step].clone()}
 
 
@@ -195,7 +197,8 @@ def read_state(path: str, discard_damaged: bool) -> dict | None:
     """The job's checkpoint.pt (None when there is none); a damaged one stops the run naming the file, or with
     --discard_damaged_state is set aside and the job trains from the start (runstate.load_resumable)."""
     return runstate.load_resumable(path, read_checkpoint, discard_damaged,
-                                   f"pass {runstate.DISCARD_DAMAGED_OPTION} to set it aside and train this model from the start")
+                                   f"pass {runstate.DISCARD_DAMAGED_OPTION} to set it aside and train this model "
+                                   "from the start")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +253,8 @@ def train(model, config: TrainConfig, data: DefectData, folder: str, device: tor
         done = step + 1
         snapshot = done % config.save_every == 0
         if snapshot or done == config.steps or runstate.stop_requested():
-            path = save_state(folder, training_state(config, files, done, model, optimizer, noise, losses, device), snapshot)
+            state = training_state(config, files, done, model, optimizer, noise, losses, device)
+            path = save_state(folder, state, snapshot)
             LOG.info("%s: step %d, loss %.5f, saved %s", config.name, done, float(loss.detach()), path)
         if runstate.stop_requested() and done < config.steps:
             raise runstate.Interrupted(runstate.stop_requested(), path)
