@@ -239,3 +239,18 @@ def test_one_class_pipeline_script(tmp_path: Path) -> None:
     assert "-d carpet" in calls[3] and f"--output {synth}/perlin" in calls[3]
     assert f"--synthetic {synth}/perlin" in calls[4]
     assert subprocess.run(["bash", str(script), "mvtec"], env=env, capture_output=True).returncode == 2
+
+
+def test_encoder_weights_file(tmp_path: Path) -> None:
+    """--encoder_weights PATH: a torchvision classification state dict fills the smp ResNet encoder (head ignored);
+    weights of another network are refused in one line."""
+    import torchvision
+
+    source = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(source, tmp_path / "r18.pth")
+    model = networks.create("unet", "resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(model.encoder.conv1.weight, source["conv1.weight"])
+    assert torch.equal(model.encoder.layer4[1].bn2.running_var, source["layer4.1.bn2.running_var"])
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(utils.UserError, match="not resnet18 weights"):
+        networks.create("unet", "resnet18", str(tmp_path / "other.pth"))
