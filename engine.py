@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+import datasets
 import metrics
 import utils
 from runstate import DISCARD_DAMAGED_OPTION, Interrupted, load_resumable, rng_state, set_rng_state, stop_requested
@@ -892,23 +893,9 @@ class IndexedConcat(torch.utils.data.ConcatDataset):
         return [list(range(s, e)) for s, e in zip(starts, self.cumulative_sizes)]
 
 
-def heatmap_names(dataset) -> list[str]:
-    """File name of each test image's heatmap: DEFECT_STEM.png (DEFECT_STEM-2.png, ... when stems repeat)."""
-    names, used = [], set()
-    for sample in dataset.samples:
-        base = f"{sample.defect}_{os.path.splitext(os.path.basename(sample.image_path))[0]}"
-        name, count = base, 1
-        while name in used:
-            count += 1
-            name = f"{base}-{count}"
-        used.add(name)
-        names.append(f"{name}.png")
-    return names
-
-
 def write_heatmaps(folder: str, dataset, maps: torch.Tensor) -> None:
     """One [image | ground truth | scores] PNG per test image (final evaluation only)."""
-    for i, name in enumerate(heatmap_names(dataset)):
+    for i, name in enumerate(datasets.heatmap_names(dataset)):
         item = dataset[i]
         utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, name))
 
@@ -923,7 +910,7 @@ def scores_csv(job: Job, scores: dict[str, torch.Tensor]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(SCORE_COLUMNS)
     for name, ds in zip(job.row_names, job.tests):
-        for sample, score, heatmap in zip(ds.samples, scores[name].tolist(), heatmap_names(ds), strict=True):
+        for sample, score, heatmap in zip(ds.samples, scores[name].tolist(), datasets.heatmap_names(ds), strict=True):
             writer.writerow([name, sample.image_path, sample.defect, sample.is_anomaly, repr(score),
                              os.path.join("heatmaps", name, heatmap)])
     return out.getvalue()

@@ -53,8 +53,8 @@ import datasets
 import engine
 import utils
 from common import PRECISIONS, Embedder, Method, autocast
-from datasets.base import IMAGE_EXTENSIONS, IMAGE_READ_ERRORS, read_rgb
-from utils import UserError
+from datasets.base import IMAGE_READ_ERRORS, read_rgb
+from utils import InputImage, UserError
 
 LOG = logging.getLogger("pbas")
 NORMAL_PIXEL_QUANTILE = 0.999  # pixel threshold: this quantile of the normal training pixel scores
@@ -315,65 +315,6 @@ def binary_mask(scores: torch.Tensor, inside: torch.Tensor, threshold: float) ->
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class InputImage:
-    path: str  # as found: the given file, or the given folder joined with the relative path
-    name: str  # unique output name stem
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _folder_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive, hidden entries skipped), relative paths in sorted order."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if _is_image_name(f)]
-    return sorted(found)
-
-
-def _output_stem(relative: str) -> str:
-    """'good/000.png' -> 'good__000_png': separators and the extension dot replaced, so names stay apart."""
-    stem, ext = os.path.splitext(relative)
-    parts = [p for p in stem.replace("\\", "/").split("/") if p not in ("", ".")]
-    return "__".join(parts) + ("_" + ext[1:].lower() if ext else "")
-
-
-def collect_inputs(paths: Sequence[str], taken: dict[str, str] | None = None) -> list[InputImage]:
-    """Files as given (any extension) and image files of folders (recursive); unique output names.
-
-    A missing path is a UserError; so is finding no image at all. ``taken``: output stems already used in the
-    output folder, by the absolute path of the image they belong to (that image keeps its stem; others avoid it).
-    """
-    found: list[tuple[str, str]] = []
-    for given in paths:
-        if os.path.isdir(given):
-            found += [(os.path.join(given, rel), rel) for rel in _folder_images(given)]
-        elif os.path.isfile(given):
-            found.append((given, os.path.basename(given)))
-        else:
-            raise UserError(f"no such file or folder: {given}")
-    if not found:
-        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(paths)}")
-    taken = taken or {}
-    used: set[str] = {stem.lower() for stem in taken.values()}
-    inputs = []
-    for path, relative in found:
-        if os.path.abspath(path) in taken:  # predicted into this folder before: its outputs are replaced
-            inputs.append(InputImage(path, taken[os.path.abspath(path)]))
-            continue
-        stem = base = _output_stem(relative)
-        count = 1
-        while stem.lower() in used:  # same relative path under two given folders or runs (case-insensitive too)
-            count += 1
-            stem = f"{base}-{count}"
-        used.add(stem.lower())
-        inputs.append(InputImage(path, stem))
-    return inputs
-
-
 def read_predictions(output: str) -> list[dict]:
     """The rows of an existing OUTPUT/predictions.csv (none when there is none); a UserError if it is not ours."""
     path = os.path.join(output, PREDICTIONS_NAME)
@@ -460,7 +401,7 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     """
     if opts.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
-    collect_inputs(opts.inputs)  # one-line errors for missing inputs before anything is loaded
+    utils.collect_inputs(opts.inputs)  # one-line errors for missing inputs before anything is loaded
     device = utils.select_device(opts.gpu)
     utils.configure_precision(opts.precision, device)
     model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
@@ -478,7 +419,7 @@ def _predict_into(opts: PredictOptions, model: LoadedModel, thresholds: dict, tr
     earlier = read_predictions(opts.output)
     taken = {os.path.abspath(r["path"]): r["overlay"][: -len(OVERLAY_SUFFIX)] for r in earlier
              if r["overlay"].endswith(OVERLAY_SUFFIX)}
-    items = collect_inputs(opts.inputs, taken)
+    items = utils.collect_inputs(opts.inputs, taken)
     resize, size = model.resize, model.method.config.imagesize
     for name, (image_t, pixel_t) in thresholds.items():
         LOG.info("%s: image threshold %.6g, pixel threshold %.6g", name, image_t, pixel_t)
@@ -546,17 +487,6 @@ def onnx_bytes(model: LoadedModel, opset: int = ONNX_OPSET) -> bytes:
     return proto.SerializeToString()
 
 
-def onnx_difference(data: bytes, model: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
-    """Largest |ONNX - PyTorch| of image scores and of anomaly maps on ``images`` (onnxruntime, CPU)."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(list(ONNX_OUTPUTS), {ONNX_INPUTS[0]: images.numpy()})
-    with torch.no_grad():
-        want = model(images)
-    return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
-
-
 def ort_providers(device: torch.device) -> list:
     """onnxruntime providers for ``device``: on a GPU the CUDA provider in true fp32 (``use_tf32=0``: it runs
     float32 MatMul/Conv as TF32 by default), the CPU provider taking what it cannot run; else the CPU."""
@@ -608,7 +538,7 @@ def export_onnx(checkpoint: str, output: str, methods: dict[str, type[Method]], 
     model, _ = load_model(checkpoint, torch.device("cpu"), methods, "fp32")
     data = onnx_bytes(model, opset)
     size = model.method.config.imagesize
-    diff = onnx_difference(data, ExportGraph(model.graph()).eval(), torch.randn(3, 3, size, size))
+    diff = utils.onnx_difference(data, ExportGraph(model.graph()).eval(), torch.randn(3, 3, size, size))
     if max(diff) > ONNX_TOLERANCE:
         LOG.error("the ONNX graph differs from PyTorch by %.3g (scores) / %.3g (maps); not written", *diff)
         return 1

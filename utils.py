@@ -13,6 +13,7 @@ import pickle
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
+from datasets.base import IMAGE_EXTENSIONS
 
 LOG = logging.getLogger("pbas")
 CHECKPOINT_FORMAT = 3  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs;
@@ -355,3 +357,79 @@ def results_table(rows: Sequence[tuple[str, dict]], columns: Iterable[str] = MET
         means = [float(np.mean([v[c] for _, v in rows])) for c in columns]
         lines.append("Mean".ljust(width) + "".join(f"{100 * m:13.2f}" for m in means))
     return "\n".join(lines)
+
+
+def onnx_difference(data: bytes, model: torch.nn.Module, images: torch.Tensor) -> tuple[float, ...]:
+    """Largest |ONNX - PyTorch| of each output of a one-input graph on ``images`` (onnxruntime, CPU); the
+    ONNX outputs are read in the graph's output order, which is the order of the module's returned tuple."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        want = model(images)
+    return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# the images given to predict (PBAS/CRAS and the segmenter)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: str  # as found: the given file, or the given folder joined with the relative path
+    name: str  # unique output name stem
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, hidden entries skipped), relative paths in sorted order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files if _is_image_name(f)]
+    return sorted(found)
+
+
+def _output_stem(relative: str) -> str:
+    """'good/000.png' -> 'good__000_png': separators and the extension dot replaced, so names stay apart."""
+    stem, ext = os.path.splitext(relative)
+    parts = [p for p in stem.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "__".join(parts) + ("_" + ext[1:].lower() if ext else "")
+
+
+def collect_inputs(paths: Sequence[str], taken: dict[str, str] | None = None) -> list[InputImage]:
+    """Files as given (any extension) and image files of folders (recursive); unique output names.
+
+    A missing path is a UserError; so is finding no image at all. ``taken``: output stems already used in the
+    output folder, by the absolute path of the image they belong to (that image keeps its stem; others avoid it).
+    """
+    found: list[tuple[str, str]] = []
+    for given in paths:
+        if os.path.isdir(given):
+            found += [(os.path.join(given, rel), rel) for rel in _folder_images(given)]
+        elif os.path.isfile(given):
+            found.append((given, os.path.basename(given)))
+        else:
+            raise UserError(f"no such file or folder: {given}")
+    if not found:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(paths)}")
+    taken = taken or {}
+    used: set[str] = {stem.lower() for stem in taken.values()}
+    inputs = []
+    for path, relative in found:
+        if os.path.abspath(path) in taken:  # predicted into this folder before: its outputs are replaced
+            inputs.append(InputImage(path, taken[os.path.abspath(path)]))
+            continue
+        stem = base = _output_stem(relative)
+        count = 1
+        while stem.lower() in used:  # same relative path under two given folders or runs (case-insensitive too)
+            count += 1
+            stem = f"{base}-{count}"
+        used.add(stem.lower())
+        inputs.append(InputImage(path, stem))
+    return inputs

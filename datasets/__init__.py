@@ -35,6 +35,7 @@ from datasets.base import (
     check_readable,
     check_test_labels,
     effective_resize,
+    heatmap_names,
     image_transform,
     load_image,
     load_mask,
@@ -46,7 +47,7 @@ from datasets.base import (
 __all__ = [
     "AnomalyDataset", "CLASSES", "DATASET_NAMES", "DatasetError", "IMAGENET_MEAN", "IMAGENET_STD",
     "LAYOUTS", "LAYOUT_BTAD", "LAYOUT_FOLDER", "LAYOUT_MVTEC", "LAYOUT_MVTEC_AD2", "LAYOUT_SPLIT_CSV", "Sample",
-    "build_datasets", "dataset_layout", "effective_resize", "image_transform", "load_image", "load_mask",
+    "build_datasets", "dataset_layout", "effective_resize", "heatmap_names", "image_transform", "load_image", "load_mask",
     "mask_transform", "read_mask", "read_rgb", "split_job_name",
 ]
 

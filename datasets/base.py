@@ -437,3 +437,17 @@ class AnomalyDataset(torch.utils.data.Dataset):
             f"resize={self.resize}, imagesize={self.imagesize}, layout={self.layout}"
             f"{'' if self.has_masks else ', no masks'})"
         )
+
+
+def heatmap_names(dataset: AnomalyDataset) -> list[str]:
+    """File name of each test image's heatmap: DEFECT_STEM.png (DEFECT_STEM-2.png, ... when stems repeat)."""
+    names, used = [], set()
+    for sample in dataset.samples:
+        base = f"{sample.defect}_{os.path.splitext(os.path.basename(sample.image_path))[0]}"
+        name, count = base, 1
+        while name in used:
+            count += 1
+            name = f"{base}-{count}"
+        used.add(name)
+        names.append(f"{name}.png")
+    return names

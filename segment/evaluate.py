@@ -20,6 +20,7 @@ import torch
 
 import metrics
 import utils
+import datasets
 from datasets import AnomalyDataset
 from segment.networks import ScoreGraph
 
@@ -56,26 +57,12 @@ def class_row(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, ma
     return row
 
 
-def heatmap_names(data: AnomalyDataset) -> list[str]:
-    """DEFECT_STEM.png per test image (DEFECT_STEM-2.png, ... when stems repeat), as the PBAS/CRAS job folders."""
-    names, used = [], set()
-    for sample in data.samples:
-        base = f"{sample.defect}_{os.path.splitext(os.path.basename(sample.image_path))[0]}"
-        name, count = base, 1
-        while name in used:
-            count += 1
-            name = f"{base}-{count}"
-        used.add(name)
-        names.append(f"{name}.png")
-    return names
-
-
 def write_outputs(folder: str, name: str, data: AnomalyDataset, scores: torch.Tensor, maps: torch.Tensor) -> None:
     """heatmaps/NAME/*.png ([image | ground truth | defect map]) and scores.csv in the job folder."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(SCORE_COLUMNS)
-    for i, heatmap in enumerate(heatmap_names(data)):
+    for i, heatmap in enumerate(datasets.heatmap_names(data)):
         item = data[i]
         utils.save_png(utils.heatmap_panel(item["image"], item["mask"], maps[i]), os.path.join(folder, HEATMAPS_DIR, name, heatmap))
         sample = data.samples[i]

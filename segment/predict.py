@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 import utils
 from datasets import DatasetError, image_transform, read_rgb
-from datasets.base import IMAGE_EXTENSIONS
 from segment import networks, train
 from utils import UserError
 
@@ -32,34 +31,6 @@ PREDICTION_COLUMNS = ("path", "image_score", "decision", "threshold", "pixel_thr
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
 ONNX_INPUTS, ONNX_OUTPUTS = ("images",), ("image_scores", "defect_maps")
-
-
-def collect_images(paths: list[str]) -> list[tuple[str, str]]:
-    """(path, output stem) of every image given: files, or folders searched recursively; stems are the path
-    relative to the folder given with '/' -> '__' and the extension '.ext' -> '_ext' (unique)."""
-    found = []
-    for given in paths:
-        if os.path.isdir(given):
-            for folder, _, names in sorted(os.walk(given)):
-                for name in sorted(names):
-                    if name.lower().endswith(IMAGE_EXTENSIONS):
-                        path = os.path.join(folder, name)
-                        found.append((path, os.path.relpath(path, given)))
-        elif os.path.isfile(given):
-            found.append((given, os.path.basename(given)))
-        else:
-            raise UserError(f"{given}: no such file or folder")
-    if not found:
-        raise UserError(f"no images ({'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
-    stems, out = set(), []
-    for path, relative in found:
-        base, ext = os.path.splitext(relative)
-        stem = f"{base.replace(os.sep, '__')}_{ext.lstrip('.')}"
-        while stem in stems:
-            stem += "_"
-        stems.add(stem)
-        out.append((path, stem))
-    return out
 
 
 def to_original(prob: torch.Tensor, width: int, height: int, resize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +88,7 @@ def predict(opts: PredictOptions) -> int:
     if opts.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {opts.batch_size}")
     graph, config = load(opts.checkpoint)
-    items = collect_images(opts.inputs)
+    items = [(item.path, item.name) for item in utils.collect_inputs(opts.inputs)]
     utils.check_writable_folder(opts.output, "--output")
     device = utils.select_device(opts.gpu)
     graph.to(device)
@@ -169,17 +140,6 @@ def onnx_bytes(graph: networks.ScoreGraph, imagesize: int, opset: int = ONNX_OPS
     return program.model_proto.SerializeToString()
 
 
-def onnx_difference(data: bytes, graph: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
-    """Largest |ONNX - PyTorch| of the image scores and of the defect maps (onnxruntime, CPU)."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = session.run(list(ONNX_OUTPUTS), {ONNX_INPUTS[0]: images.numpy()})
-    with torch.no_grad():
-        want = graph(images)
-    return tuple(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
-
-
 def export(checkpoint: str, output: str) -> int:
     """Write the checkpoint's graph as ONNX when it agrees with PyTorch within ONNX_TOLERANCE on random images
     (0); otherwise write nothing (1)."""
@@ -189,7 +149,7 @@ def export(checkpoint: str, output: str) -> int:
     graph, config = load(checkpoint)
     size = config["net"]["imagesize"]
     data = onnx_bytes(graph, size)
-    diff = onnx_difference(data, graph, torch.randn(3, 3, size, size))
+    diff = utils.onnx_difference(data, graph, torch.randn(3, 3, size, size))
     if max(diff) > ONNX_TOLERANCE:
         LOG.error("the ONNX graph differs from PyTorch by %.3g (scores) / %.3g (maps); not written", *diff)
         return 1

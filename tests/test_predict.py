@@ -16,6 +16,7 @@ import engine
 import inference
 import main
 import metrics
+import utils
 from conftest import TRAINED_CLASS as CLASS_NAME, TRAINED_IMAGESIZE as IMAGESIZE
 
 ATOL = 1e-5
@@ -161,7 +162,7 @@ def test_output_names_stay_apart(tmp_path: Path):
         (tmp_path / folder / "good" / "000.png").write_bytes(b"")
         (tmp_path / folder / "good" / "000.jpg").write_bytes(b"")
     (tmp_path / "a" / "x" / "notes.txt").write_text("not an image")
-    items = inference.collect_inputs([str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x"), str(tmp_path / "a/x/good/000.png")])
+    items = utils.collect_inputs([str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x"), str(tmp_path / "a/x/good/000.png")])
     assert [i.name for i in items] == ["good__000_jpg", "good__000_png", "good__000_jpg-2", "good__000_png-2", "000_png"]
     assert items[0].path == str(tmp_path / "a" / "x" / "good" / "000.jpg")
 
