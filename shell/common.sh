@@ -17,12 +17,23 @@ DATAPATH="$(realpath -m "$DATAPATH")"
 RESULTS="$(realpath -m "${RESULTS:-$REPO/results}")"
 cd "$REPO"
 
+# The releases' scripts pass --seed 0; an explicit --seed in EXTRA_ARGS replaces it (main.py's --seed is
+# repeatable: given both, it would run both seeds).
+seed_args() {
+  SEED_ARGS=(--seed 0)
+  local arg
+  for arg in "${EXTRA_ARGS[@]}"; do
+    if [ "$arg" = --seed ]; then SEED_ARGS=(); fi
+  done
+}
+
 # release_cmd / cras_cmd set CMD to the command line (an array); run_release / run_cras run it.
 release_cmd() {  # release_cmd DATASET CLASS...   (PBAS release, PBAS_SPEC section 8)
   local dataset="$1"; shift
   local classes=()
   for c in "$@"; do classes+=(-d "$c"); done
-  CMD=(python3 main.py --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}"
+  seed_args
+  CMD=(python3 main.py --gpu "${GPU:-0}" "${SEED_ARGS[@]}" --test "${TEST:-ckpt}" --results_path "$RESULTS" "${EXTRA_ARGS[@]}"
     net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536
         --target_embed_dimension 1536 --patchsize 3 --meta_epochs "${EPOCHS:-640}" --eval_epochs 1
         --dsc_layers 2 --dsc_hidden 1024 --pre_proj 1 --k 0.25
@@ -39,7 +50,8 @@ cras_cmd() {  # cras_cmd DATASET multi|single CLASS...   (CRAS release: multi bs
   esac
   local classes=()
   for c in "$@"; do classes+=(-d "$c"); done
-  CMD=(python3 main.py --method cras --gpu "${GPU:-0}" --seed 0 --test "${TEST:-ckpt}" --results_path "$RESULTS"
+  seed_args
+  CMD=(python3 main.py --method cras --gpu "${GPU:-0}" "${SEED_ARGS[@]}" --test "${TEST:-ckpt}" --results_path "$RESULTS"
       "${EXTRA_ARGS[@]}"
     net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 --target_embed_dimension 1536
         --patchsize 3 --meta_epochs "${EPOCHS:-$epochs}" --eval_epochs 1 --dsc_layers 3 --pre_proj 1

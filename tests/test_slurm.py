@@ -66,7 +66,9 @@ def test_task_runs_its_line_with_the_release_configuration(tmp_path: Path):
         env = stub_env(tmp_path, TABLE=str(table), SLURM_ARRAY_TASK_ID=str(task))
         subprocess.run(["bash", str(SLURM / "task.sh")], env=env, check=True, capture_output=True)
     pbas_call, cras_call = calls(tmp_path)
-    assert pbas_call.startswith("main.py --gpu 0 --seed 0 --test ckpt") and "--seed 1 net" in pbas_call  # the later --seed wins
+    # the table's seed replaces the releases' --seed 0 (repeatable: both would run both seeds)
+    assert pbas_call.startswith("main.py --gpu 0 --test ckpt") and "--seed 1 net" in pbas_call
+    assert pbas_call.count("--seed") == 1 and cras_call.count("--seed") == 1
     assert "--dsc_hidden 1024" in pbas_call and pbas_call.endswith("-d grid mvtec /data/mvtec")
     assert cras_call.startswith("main.py --method cras") and "--seed 1 --precision bf16 net" in cras_call
     assert "--setting multi --batch_size 32" in cras_call and cras_call.endswith("-d carpet -d grid mvtec /data/mvtec")
