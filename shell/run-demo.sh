@@ -12,10 +12,12 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 METHOD=pbas
+SEED=(--seed 0)  # replaced by a --seed among the arguments (main.py's --seed is repeatable: both would run)
 prev=""
 for arg in "$@"; do
   [[ "$prev" == "--method" ]] && METHOD="$arg"
   [[ "$arg" == --method=* ]] && METHOD="${arg#--method=}"
+  [[ "$arg" == --seed || "$arg" == --seed=* ]] && SEED=()
   prev="$arg"
 done
 case "$METHOD" in
@@ -31,7 +33,7 @@ RESULTS="$(realpath -m "${RESULTS:-$DEFAULT_RESULTS}")"
 cd "$REPO"
 
 python3 -m datasets.synthetic "$DEMO_DATA" --classes texture object --n_train 40 --size 128 --seed 0
-python3 main.py --seed 0 --test ckpt --results_path "$RESULTS" "$@" \
+python3 main.py "${SEED[@]}" --test ckpt --results_path "$RESULTS" "$@" \
   net -b efficientnet_lite0 -le blocks.2 -le blocks.4 --pretrain_embed_dimension 256 \
       --target_embed_dimension 256 --patchsize 3 --meta_epochs "${EPOCHS:-60}" --eval_epochs 1 --pre_proj 1 "${NET[@]}" \
   dataset "${DATA[@]}" --batch_size 8 --resize 128 --imagesize 128 --num_workers 0 -d texture -d object mvtec "$DEMO_DATA"
