@@ -131,8 +131,9 @@ def given_options(ctx: click.Context, options: dict) -> dict:
                    "job as the releases write them (DIR/mvtec_dataset/ for CRAS multi, DIR/mvtec_carpet/ per class) with "
                    "ckpt_best_N.pth (+ center.pth for CRAS); a checkpoint of ours is written from them, usable by predict.")
 @click.option(engine.DISCARD_DAMAGED_OPTION, is_flag=True, default=False,
-              help="A job whose saved training state (train_state.pt) cannot be read trains from the start; the damaged "
-                   "file is kept as train_state.pt.damaged. Without it such a job stops the run with an error.")
+              help="A job whose saved training state (train_state.pt; checkpoint.pt of panda-train and segment) cannot "
+                   "be read trains from the start; the damaged file is kept as NAME.damaged. Without it such a job "
+                   "stops the run with an error.")
 def main(**_: object) -> None:
     """PBAS (Chen et al., IEEE TCSVT 2025) and CRAS (Chen et al., IEEE TII 2025) anomaly detection.
 
@@ -863,7 +864,8 @@ def _one_seed(g: dict, command: str) -> int:
 @click.argument("data_path", type=str)
 @click.option("--synthetic", required=True, type=str,
               help="Synthetic folder in the MVTec layout: SYNTH/CLASS/test/DEFECT/*.png with "
-                   "SYNTH/CLASS/ground_truth/DEFECT/*_mask.png (written by synth-baseline or panda-generate).")
+                   "SYNTH/CLASS/ground_truth/DEFECT/*_mask.png (written by synth-baseline or panda-generate). "
+                   "Their record (SYNTH/CLASS/*-DEFECT.json) must show a finished generation of this --anomaly_split.")
 @click.option("-d", "--subdatasets", "classes", multiple=True, help="Class (repeat the option); default: every official class of NAME.")
 @click.option("--source", type=str, default=None, show_default="the synthetic folder's name",
               help="Name of the synthesis in the tables (e.g. perlin, panda): rows are method 'segment', setting SOURCE:SPLIT.")
@@ -896,8 +898,8 @@ def segment_command(name: str, data_path: str, synthetic: str, classes: tuple[st
     synthetic anomalies of --synthetic, and its test set (without the anomalies that trained the synthesis,
     --anomaly_split) tests it: pixel AUROC / AP / PRO / AU-PRO, F1 and IoU of the defect class at the F1-optimal
     pixel threshold, image AUROC / AP from the map's maximum. Uses the global --seed (repeatable), --gpu (first
-    id), --test (ckpt: train or reuse a finished checkpoint; test: evaluate finished checkpoints only) and
-    --results_path, where it writes models/segment-SOURCE-SPLIT/DATASET_CLASS/seedN/ (checkpoint.pt, metrics.json,
+    id), --test (ckpt: train or reuse a finished checkpoint; test: evaluate finished checkpoints only),
+    --discard_damaged_state and --results_path, where it writes models/segment-SOURCE-SPLIT/DATASET_CLASS/seedN/ (checkpoint.pt, metrics.json,
     scores.csv, heatmaps/, loss.csv) and rebuilds results.csv, results_seeds.csv and report.html. A stopped run
     (SIGTERM / SIGINT) saves its state; the same command resumes it.
 
@@ -920,9 +922,10 @@ def segment_command(name: str, data_path: str, synthetic: str, classes: tuple[st
         run = pipeline.SegmentRun(
             config=config, dataset=name, datapath=os.path.abspath(data_path), synthetic=synth,
             classes=tuple(default_classes(name, classes)),
-            source=pipeline.check_source(source or os.path.basename(synth.rstrip(os.sep))), anomaly_split=anomaly_split,
+            source=pipeline.source_name(source, synth), anomaly_split=anomaly_split,
             seeds=tuple(g["seed"]), test_only=g["test"] == "test", gpu=g["gpu"][0] if g["gpu"] else None,
-            results_path=os.path.abspath(g["results_path"]), num_workers=num_workers)
+            results_path=os.path.abspath(g["results_path"]), num_workers=num_workers,
+            discard_damaged=g["discard_damaged_state"])
         rows = pipeline.run_all(run)
         rebuild_results(run.results_path)
         print(utils.results_table(list(rows.items()), (*utils.METRIC_COLUMNS, "pixel_aupro", "pixel_f1", "pixel_iou")))
@@ -948,16 +951,20 @@ def synth_baseline_command(name: str, data_path: str, output: str, classes: tupl
     """Baseline anomaly synthesis (DRAEM/GLASS style): Perlin-noise masks filled with recoloured texture from the
     class's normal TRAINING images (no real anomaly, no external texture dataset), in the layout 'segment
     --synthetic' and PANDA's generate use. Seeded by the global --seed (one value): the same command writes the
-    same files."""
+    same files. OUTPUT/CLASS/synth-baseline-DEFECT.json records the options; a folder written with other options,
+    or inside DATAPATH, is refused."""
     def run_tool(g: dict) -> int:
         seed = _one_seed(g, "synth-baseline")
         if not defect or os.sep in defect or defect in (".", "..", "good"):
             raise UserError(f"--defect '{defect}' must be a plain folder name other than 'good'")
+        utils.check_outside(output, data_path, "--output", "DATAPATH")
         requests = []
         for classname in default_classes(name, classes):
             train, _ = datasets.build_datasets(name, data_path, classname, 1, 1, class_resize_rule=False)
             requests.append(segment_synthesis.SynthesisRequest([s.image_path for s in train.samples], os.path.abspath(output),
                                                        classname, count, seed, texture, defect))
+        for request in requests:  # every class checked before any is written
+            segment_synthesis.check_request(request)
         for request in requests:
             LOG.info("wrote %s", segment_synthesis.write_baseline(request))
         return 0

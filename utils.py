@@ -88,6 +88,15 @@ def check_writable_folder(path: str, option: str) -> None:
         raise UserError(f"{option} {path} cannot be written ({exc.strerror or type(exc).__name__})") from exc
 
 
+def check_outside(path: str, root: str, option: str, root_name: str) -> None:
+    """A one-line UserError when ``path`` is ``root`` or lies inside it (symbolic links resolved): generated
+    files written there would mix with the files of ``root`` (e.g. the real dataset)."""
+    out, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([out, base]) == base:
+        raise UserError(f"{option} {path} is inside {root_name} {root}; the generated files would mix with its own "
+                        "files: choose a folder outside it")
+
+
 def read_json(path: str) -> dict:
     """A JSON object from ``path``; {} when the file is missing or unreadable (a warning says which)."""
     try:

@@ -4,8 +4,9 @@ MVTec AD layout so that every dataset reader of the project reads them:
     OUT/CLASS/test/DEFECT/NNNN.png               synthetic anomalous image (S x S)
     OUT/CLASS/ground_truth/DEFECT/NNNN_mask.png  its mask, 0/255 (the binarised S x S mask the model was given)
     OUT/CLASS/preview/DEFECT.png                 the first pairs as rows [normal | mask | synthetic]
-    OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, seed, pairs, batch size,
-                                                 sampler steps
+    OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, anomaly split, seed,
+                                                 pairs, batch size, sampler steps (written before the pairs:
+                                                 'segment' refuses a folder with fewer pairs, or another split)
 
 Each pair takes a random normal training image and a random mask of the defect's synthesis part (both drawn
 with replacement, as the public code, but seeded: NumPy SeedSequence [seed, SELECT_STREAM]); batch b samples
@@ -41,14 +42,16 @@ MIN_DIGITS = 4  # NNNN
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """How many pairs, in which batches, under which seed, from which checkpoint (and its step), with how many
-    sampler steps (NUM_TIMESTEPS: the public sampler; fewer: a respaced chain, faster and not the public one)."""
+    """How many pairs, in which batches, under which seed, from which checkpoint (its step and the anomaly split
+    it was trained with), with how many sampler steps (NUM_TIMESTEPS: the public sampler; fewer: a respaced chain,
+    faster and not the public one)."""
 
     pairs: int
     batch_size: int
     seed: int
     checkpoint: str
     step: int
+    anomaly_split: str
     sampler_steps: int = NUM_TIMESTEPS
 
     def check(self) -> None:
@@ -110,9 +113,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def check_record(layout: Layout, record: dict) -> None:
-    """UserError when OUT already holds pairs of this defect from another generation (checkpoint, step, seed,
-    count or batch size), which a continued run would mix with these."""
+    """UserError when OUT already holds pairs of this defect from another generation (checkpoint, step, split,
+    seed, count or batch size), or files without a record (another program's), which a continued run would mix
+    with these."""
     if not os.path.exists(layout.record):
+        for folder in (os.path.dirname(layout.image(0)), os.path.dirname(layout.mask(0))):
+            if os.path.isdir(folder) and os.listdir(folder):
+                raise UserError(f"{folder} holds files that no panda-generate record describes; choose another "
+                                "--output or remove them")
         return
     saved = utils.read_json(layout.record)
     if saved != record:
@@ -121,16 +129,21 @@ def check_record(layout: Layout, record: dict) -> None:
                         f"(different {', '.join(keys) or 'record'}); choose another --output or remove them")
 
 
+def generation_record(data: DefectData, imagesize: int, options: GenerateOptions) -> dict:
+    """OUT/CLASS/panda-DEFECT.json: where the pairs come from (read by check_record and by 'segment')."""
+    return {"method": "panda", "dataset": data.dataset, "class": data.classname, "defect": data.defect,
+            **{k: v for k, v in asdict(options).items() if k != "checkpoint"},
+            "checkpoint": os.path.abspath(options.checkpoint), "imagesize": imagesize,
+            "masks": [os.path.basename(path) for path in data.masks]}
+
+
 def generate(model, data: DefectData, imagesize: int, out: str, options: GenerateOptions,
              device: torch.device) -> Layout:
     """Write ``options.pairs`` pairs of ``data``'s (class, defect) under ``out``; batches already written are
     kept. Raises runstate.Interrupted when a stop is
     requested between batches."""
     layout = Layout(out, data.classname, data.defect, options.pairs)
-    record = {"method": "panda", "dataset": data.dataset, "class": data.classname, "defect": data.defect,
-              **{k: v for k, v in asdict(options).items() if k != "checkpoint"},
-              "checkpoint": os.path.abspath(options.checkpoint), "imagesize": imagesize,
-              "masks": [os.path.basename(path) for path in data.masks]}
+    record = generation_record(data, imagesize, options)
     check_record(layout, record)
     utils.save_json(record, layout.record)
     chosen_images, chosen_masks = selection(options.seed, options.pairs, len(data.normals), len(data.masks))
@@ -178,7 +191,8 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
                    results: str, out: str, pairs: int, batch_size: int, seed: int, ldm_path: str, precision: str,
                    device: torch.device, sampler_steps: int = NUM_TIMESTEPS) -> list[Layout]:
     """Generate the pairs of every (class, defect) of ``jobs``; each model, its data and OUT are checked before
-    the LDM loads."""
+    the LDM loads; OUT may not be the dataset or lie inside it."""
+    utils.check_outside(out, root, "--output", "DATAPATH")
     if checkpoint is not None and step is not None:
         raise UserError("--checkpoint and --step name the model two ways; give one of them")
     if checkpoint is not None and len(jobs) != 1:
@@ -195,8 +209,9 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
             LOG.warning("%s: the masks of %s/%s differ from those it was trained with", path, classname, defect)
         if ckpt["step"] < config.steps:
             LOG.warning("%s: generating from step %d of %d (training not finished)", path, ckpt["step"], config.steps)
-        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]), sampler_steps)
+        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]), config.anomaly_split, sampler_steps)
         options.check()
+        check_record(Layout(out, classname, defect, pairs), generation_record(data, config.imagesize, options))
         planned.append((ckpt, config, data, options))
     utils.check_writable_folder(out, "--output")
     utils.configure_precision(precision, device)

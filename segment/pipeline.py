@@ -48,6 +48,7 @@ class SegmentRun:
     gpu: int | None
     results_path: str
     num_workers: int
+    discard_damaged: bool = False  # --discard_damaged_state: set an unreadable checkpoint.pt aside, train anew
 
     @property
     def setting(self) -> str:
@@ -66,6 +67,18 @@ def check_source(source: str) -> str:
     if not SOURCE_PATTERN.match(source):
         raise UserError(f"--source '{source}' must be letters, digits, '_' or '.' (it names folders and table rows)")
     return source
+
+
+def source_name(source: str | None, synthetic: str) -> str:
+    """--source, checked; without it the synthetic folder's name, which must exist and be such a name."""
+    if source is not None:
+        return check_source(source)
+    segdata.check_synthetic_folder(synthetic)
+    name = os.path.basename(synthetic.rstrip(os.sep))
+    if not SOURCE_PATTERN.match(name):
+        raise UserError(f"the --synthetic folder's name '{name}' names the source in folders and table rows, but it "
+                        "may only hold letters, digits, '_' or '.'; give --source NAME")
+    return name
 
 
 def _record(run: SegmentRun, folder: str, config: dict) -> None:
@@ -89,11 +102,10 @@ def _trained(run: SegmentRun, classdata: segdata.ClassData, seed: int, folder: s
              device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The trained network of a job: from its finished checkpoint, else trained (resumed) now."""
     path = os.path.join(folder, CHECKPOINT_NAME)
-    if os.path.exists(path):
-        saved = train.read(path, config)
-        if saved.get("complete"):
-            LOG.info("%s: testing the finished checkpoint %s", config["class"], path)
-            return train.network_from(saved).to(device), saved
+    saved = train.read_state(path, config, run.discard_damaged)
+    if saved is not None and saved.get("complete"):
+        LOG.info("%s: testing the finished checkpoint %s", config["class"], path)
+        return train.network_from(saved).to(device), saved
     if run.test_only:
         raise UserError(f"--test test: no finished checkpoint at {path}; train it first with --test ckpt")
     utils.set_seed(seed)
@@ -139,7 +151,7 @@ def run_all(run: SegmentRun) -> dict[str, dict]:
     for seed in run.seeds:  # checkpoints of another configuration, or missing for --test test: fail now
         for classname in classes:
             path = os.path.join(run.folder(classname, seed), CHECKPOINT_NAME)
-            saved = train.read(path, run.job_config(classname, seed)) if os.path.exists(path) else {}
+            saved = train.read_state(path, run.job_config(classname, seed), run.discard_damaged) or {}
             if run.test_only and not saved.get("complete"):
                 raise UserError(f"--test test: no finished checkpoint at {path}; train it first with --test ckpt")
     if not run.test_only and run.config.encoder_weights != networks.WEIGHTS_NONE:

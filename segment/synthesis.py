@@ -10,7 +10,11 @@ Per image i (its own random stream, seeded by (seed, i), so any count and order 
     channel permutation, posterisation or solarisation) so that the pasted region differs from normal texture;
     the anomaly: A = I (1 - M) + ((1 - beta) T + beta I) M with beta ~ U[0, BETA_MAX) (DRAEM's blend).
 Written as OUT/CLASS/test/DEFECT/NNNN.png and OUT/CLASS/ground_truth/DEFECT/NNNN_mask.png (0/255), the layout
-PANDA's generate writes; DEFECT is ``perlin`` by default. Images keep the normal image's size.
+PANDA's generate writes; DEFECT is ``perlin`` by default. Images keep the normal image's size. Beside them,
+OUT/CLASS/synth-baseline-DEFECT.json (written first) records the options and the normal images: a folder written
+with other options (or holding files without such a record) is refused, so that one folder holds exactly the
+``count`` pairs of one configuration, and 'segment' refuses a folder with fewer pairs than recorded. Its
+``anomaly_split`` is null: no real anomaly is used, so the segmentation may test on any split.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ MIN_AREA = 0.005  # the mask covers at least this fraction of the image
 MAX_AREA = 0.5  # and at most this fraction (redrawn otherwise)
 BETA_MAX = 0.8  # DRAEM: the anomaly keeps a fraction beta < 0.8 of the normal image
 MAX_DRAWS = 100
+METHOD = "synth-baseline"  # the record's method and the start of its file name
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
@@ -113,6 +118,8 @@ def synthesize(image: np.ndarray, source: np.ndarray, rng: np.random.Generator) 
 
 @dataclass(frozen=True)
 class SynthesisRequest:
+    """One class's baseline synthesis: ``count`` pairs under OUT/CLASS from its normal training images."""
+
     normals: list[str]  # normal training images of the class
     output: str  # OUT
     classname: str
@@ -121,9 +128,29 @@ class SynthesisRequest:
     texture: str = "self"
     defect: str = DEFAULT_DEFECT
 
+    @property
+    def class_dir(self) -> str:
+        return os.path.join(self.output, self.classname)
 
-def write_baseline(req: SynthesisRequest) -> str:
-    """Write ``count`` image + mask pairs to OUT/CLASS/{test,ground_truth}/DEFECT/; the class folder."""
+    @property
+    def folders(self) -> tuple[str, str]:
+        """(image folder, mask folder) of the defect."""
+        return (os.path.join(self.class_dir, "test", self.defect),
+                os.path.join(self.class_dir, "ground_truth", self.defect))
+
+    @property
+    def record_path(self) -> str:
+        return os.path.join(self.class_dir, f"{METHOD}-{self.defect}.json")
+
+    def record(self) -> dict:
+        """What the pairs are made of (compared with the record of a folder written before)."""
+        return {"method": METHOD, "class": self.classname, "defect": self.defect, "pairs": self.count,
+                "seed": self.seed, "texture": self.texture, "anomaly_split": None, "normals": list(self.normals)}
+
+
+def check_request(req: SynthesisRequest) -> None:
+    """One-line UserErrors for bad options, and for an OUT/CLASS whose defect folders hold pairs of other options
+    or files no record describes (nothing is written)."""
     if req.texture not in TEXTURE_SOURCES:
         raise UserError(f"--texture must be one of {', '.join(TEXTURE_SOURCES)}, got {req.texture}")
     if req.count < 1:
@@ -132,10 +159,27 @@ def write_baseline(req: SynthesisRequest) -> str:
         raise UserError(f"class {req.classname}: no normal training images to synthesise from")
     if req.texture == "other" and len(req.normals) < 2:
         raise UserError(f"--texture other needs at least two normal images, class {req.classname} has one")
-    root = os.path.join(req.output, req.classname)
-    images, masks = os.path.join(root, "test", req.defect), os.path.join(root, "ground_truth", req.defect)
+    if os.path.exists(req.record_path):
+        saved, record = utils.read_json(req.record_path), req.record()
+        if saved != record:
+            keys = sorted(k for k in record if saved.get(k) != record[k])
+            raise UserError(f"{req.record_path}: {req.class_dir} holds {req.defect} pairs written with other options "
+                            f"(different {', '.join(keys) or 'record'}); choose another --output or remove them")
+        return
+    for folder in req.folders:
+        if os.path.isdir(folder) and os.listdir(folder):
+            raise UserError(f"{folder} holds files that no {METHOD} record describes; choose another --output or "
+                            "remove them")
+
+
+def write_baseline(req: SynthesisRequest) -> str:
+    """Write exactly ``count`` image + mask pairs to OUT/CLASS/{test,ground_truth}/DEFECT/ (after the record);
+    the class folder."""
+    check_request(req)
+    images, masks = req.folders
     for folder in (images, masks):
         utils.check_writable_folder(folder, "--output")
+    utils.save_json(req.record(), req.record_path)
     width = max(4, len(str(req.count - 1)))
     for i in utils.progress(range(req.count), f"{req.classname}: synthesis", total=req.count):
         rng = np.random.default_rng([req.seed, i])
@@ -149,4 +193,4 @@ def write_baseline(req: SynthesisRequest) -> str:
         anomaly, mask = synthesize(image, source, rng)
         utils.save_png(anomaly, os.path.join(images, f"{i:0{width}d}.png"))
         utils.save_png(mask, os.path.join(masks, f"{i:0{width}d}_mask.png"))
-    return root
+    return req.class_dir

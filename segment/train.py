@@ -75,10 +75,27 @@ def read(path: str, config: dict | None = None) -> dict:
         raise UserError(f"{path} is not a segmenter checkpoint (written by 'main.py segment')")
     if ckpt.get("format") != FORMAT:
         raise UserError(f"{path} has segmenter checkpoint format {ckpt.get('format')!r}, this version reads {FORMAT}")
-    if config is not None and ckpt["config"] != config:
+    if config is not None:
+        check_config(ckpt, path, config)
+    return ckpt
+
+
+def check_config(ckpt: dict, path: str, config: dict) -> None:
+    """A one-line UserError when the checkpoint at ``path`` was trained with another job configuration."""
+    if ckpt["config"] != config:
         diff = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
         raise UserError(f"{path} was trained with another configuration ({', '.join(diff)}); use another "
                         "--results_path or remove it")
+
+
+def read_state(path: str, config: dict, discard_damaged: bool) -> dict | None:
+    """The job's checkpoint.pt (None when there is none). One that cannot be read stops the run naming the file
+    and --discard_damaged_state, which sets it aside as checkpoint.pt.damaged (None: the job trains from the
+    start; runstate.load_resumable); one of another configuration is never set aside."""
+    ckpt = runstate.load_resumable(path, read, discard_damaged, f"pass {runstate.DISCARD_DAMAGED_OPTION} to set it "
+                                   "aside and train this segmenter from the start")
+    if ckpt is not None:
+        check_config(ckpt, path, config)
     return ckpt
 
 

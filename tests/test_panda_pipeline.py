@@ -22,11 +22,15 @@ from datasets.synthetic import make_dataset
 from panda import data as panda_data
 from panda import generate, train
 from panda.ldm import write_tiny_ldm
+from segment import data as segdata
 from test_resume import assert_same_tensors
 
 SIZE = 32  # images and masks (latents 4 x 4)
 CLASS, DEFECT = "texture", "scratch"
 TRAIN = ["--steps", "4", "--save_every", "2", "--batch_size", "2", "--imagesize", str(SIZE)]
+FAST = ["--batch_size", "2", "--sampler_steps", "2"]  # panda-generate: a 2-step respaced chain
+SEGMENT = ["--encoder", "efficientnet_lite0", "--encoder_weights", "none", "--imagesize", str(SIZE), "--resize",
+           str(SIZE), "--steps", "1", "--batch_size", "2", "--num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +243,70 @@ def test_defect_tables_and_batch_order():
     assert images.max() < 7 and masks.max() < 3 and np.array_equal(images, generate.selection(5, 100, 7, 3)[0])
     draws = [torch.randn(3, generator=generate.batch_generator(5, b, torch.device("cpu"))) for b in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # each batch its own stream
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def segment(results: Path, root: Path, synthetic: Path, split: str) -> int:
+    return main.cli(["--gpu", "-1", "--results_path", str(results), "segment", "mvtec", str(root), "-d", CLASS,
+                     "--synthetic", str(synthetic), "--anomaly_split", split, *SEGMENT])
+
+
+def test_generate_refuses_an_output_inside_the_dataset(trained: Path, root: Path, ldm: Path, tmp_path: Path, capsys):
+    data = copy_data(root, tmp_path)
+    before = files(data)
+    for out in (data, data / CLASS / "test"):
+        err = one_line_error(capsys, cli(trained, ldm, data, "--output", str(out), "--pairs", "2", *FAST,
+                                         command="panda-generate"))
+        assert err.startswith(f"error: --output {out} is inside DATAPATH {data}")
+    assert files(data) == before  # the real test set and its masks untouched
+
+
+def test_generate_refuses_pairs_without_its_record(trained: Path, root: Path, ldm: Path, tmp_path: Path, capsys):
+    out = tmp_path / "synthetic"
+    (out / CLASS / "test" / DEFECT).mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE)).save(out / CLASS / "test" / DEFECT / "0000.png")  # e.g. synth-baseline's
+    err = one_line_error(capsys, cli(trained, ldm, root, "--output", str(out), "--pairs", "2", *FAST,
+                                     command="panda-generate"))
+    assert "holds files that no panda-generate record describes" in err
+    assert not (out / CLASS / f"panda-{DEFECT}.json").exists()
+
+
+def test_segment_refuses_an_unfinished_generation(trained: Path, root: Path, ldm: Path, tmp_path: Path, capsys,
+                                                  monkeypatch):
+    batch_generator = generate.batch_generator
+
+    def stop_after_batch_0(seed, batch, device):
+        if batch == 0:
+            runstate.request_stop(signal.SIGTERM)  # as the SIGTERM handler does
+        return batch_generator(seed, batch, device)
+
+    out = tmp_path / "synthetic"
+    args = ["--output", str(out), "--pairs", "6", *FAST]
+    monkeypatch.setattr(generate, "batch_generator", stop_after_batch_0)
+    assert cli(trained, ldm, root, *args, command="panda-generate") == 128 + signal.SIGTERM
+    assert len(list((out / CLASS / "test" / DEFECT).iterdir())) == 2
+    capsys.readouterr()
+    err = one_line_error(capsys, segment(tmp_path / "res", root, out, "third"))
+    assert f"holds 2 of the 6 {DEFECT} pairs that {out / CLASS / f'panda-{DEFECT}.json'} records" in err
+    assert not (tmp_path / "res" / "models").exists()
+    monkeypatch.setattr(generate, "batch_generator", batch_generator)
+    assert cli(trained, ldm, root, *args, command="panda-generate") == 0  # the same command finishes it
+    assert len(segdata.load_class("mvtec", str(root), str(out), CLASS, SIZE, SIZE, "third").synthetic) == 6
+
+
+def test_segment_refuses_pairs_of_another_anomaly_split(trained: Path, root: Path, ldm: Path, tmp_path: Path, capsys):
+    out = tmp_path / "synthetic"
+    assert cli(trained, ldm, root, "--output", str(out), "--pairs", "2", *FAST, command="panda-generate") == 0
+    capsys.readouterr()
+    path = out / CLASS / f"panda-{DEFECT}.json"
+    record = json.loads(path.read_text())
+    assert record["anomaly_split"] == "third"  # the checkpoint's
+    err = one_line_error(capsys, segment(tmp_path / "res", root, out, "all"))
+    assert f"{path}: its synthesis was trained with --anomaly_split third, not all" in err
+    del record["anomaly_split"]  # a record of an earlier version
+    path.write_text(json.dumps(record))
+    assert "does not record the anomaly split" in one_line_error(capsys, segment(tmp_path / "res", root, out, "third"))
+    assert not (tmp_path / "res" / "models").exists()

@@ -3,6 +3,7 @@ the matching real defects, predict / ONNX parity, exact resume, bad input. Tiny 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -112,7 +113,7 @@ def test_baseline_synthesis(real_root: Path, tmp_path: Path) -> None:
                                        "texture/test/perlin/0001.png", "texture/test/perlin/0002.png"]
     assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in files)
     # what segment reads from it: 3 anomalies with their (non-empty) masks, the real image size
-    samples = segdata.synthetic_samples(str(tmp_path / "a"), "texture")
+    samples = segdata.synthetic_samples(str(tmp_path / "a"), "texture", "third")
     assert len(samples) == 3 and all(Image.open(s.mask_path).size == (SIZE, SIZE) for s in samples)
 
 
@@ -218,6 +219,86 @@ def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pyt
     assert not (tmp_path / "res" / "models").exists()  # nothing trained or written for bad input
     assert "checkpoint" in _cli_error(capsys, ["segment-export", "--checkpoint", str(mask),
                                                                "--output", str(tmp_path / "x.onnx")])
+
+
+def baseline(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--seed", "3", "synth-baseline", "mvtec", str(data), "-d", "texture", "--output", str(out), "--count", "2",
+            *extra]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_baseline_output_inside_the_dataset_is_refused(real_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    data = Path(shutil.copytree(real_root, tmp_path / "real"))
+    before = files(data)
+    for out in (data, data / "texture" / "synth", tmp_path / "link"):
+        if out.name == "link":
+            out.symlink_to(data)  # the same folder under another name
+        err = _cli_error(capsys, baseline(data, out))
+        assert err.startswith(f"error: --output {out} is inside DATAPATH {data}")
+    assert files(data) == before  # nothing written beside the real images
+
+
+def test_baseline_folder_holds_one_configuration(real_root: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "synth"
+    assert main.cli(baseline(real_root, out)) == 0
+    written = files(out)
+    record = json.loads((out / "texture" / "synth-baseline-perlin.json").read_text())
+    assert (record["pairs"], record["seed"], record["texture"], record["anomaly_split"]) == (2, 3, "self", None)
+    assert len(record["normals"]) == REAL["n_train"]
+    assert "(different texture)" in _cli_error(capsys, baseline(real_root, out, "--texture", "other"))
+    assert "(different pairs)" in _cli_error(capsys, baseline(real_root, out, "--count", "3"))
+    assert files(out) == written  # no pair of another configuration mixed in
+    assert main.cli(baseline(real_root, out)) == 0 and files(out) == written  # the same command: the same files
+    foreign = tmp_path / "foreign"  # pairs without a record (another program's, or an earlier version's)
+    shutil.copytree(out / "texture" / "test", foreign / "texture" / "test")
+    assert "no synth-baseline record" in _cli_error(capsys, baseline(real_root, foreign))
+    for split in ("third", "all"):  # a synthesis that saw no real anomaly fits either split
+        segdata.load_class("mvtec", str(real_root), str(out), "texture", CROP, CROP, split)
+
+
+def test_an_unfinished_synthetic_folder_is_refused(real_root: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "synth"
+    assert main.cli(baseline(real_root, out)) == 0
+    for path in (out / "texture" / "test" / "perlin" / "0001.png", out / "texture" / "ground_truth" / "perlin" / "0001_mask.png"):
+        path.unlink()  # as if stopped after the first pair
+    err = _cli_error(capsys, ["--gpu", "-1", "--results_path", str(tmp_path / "res"), "segment", "mvtec",
+                              str(real_root), "-d", "texture", "--synthetic", str(out), *TRAIN])
+    assert "holds 1 of the 2 perlin pairs" in err and "synth-baseline-perlin.json" in err
+    assert not (tmp_path / "res" / "models").exists()
+
+
+def test_a_damaged_checkpoint_stops_the_run_unless_set_aside(real_root: Path, easy_root: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    results = tmp_path / "res"
+    ckpt = results / "models" / "segment-easy-third" / "mvtec_texture" / "seed0" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"truncated")
+    args = ["--results_path", str(results), "segment", "mvtec", str(real_root), "-d", "texture", "--synthetic",
+            str(easy_root), "--source", "easy", *TRAIN, "--steps", "2", "--encoder_weights", "none"]
+    err = _cli_error(capsys, ["--gpu", "-1", *args])
+    assert str(ckpt) in err and "pass --discard_damaged_state" in err
+    assert main.cli(["--gpu", "-1", "--discard_damaged_state", *args]) == 0
+    assert (ckpt.parent / "checkpoint.pt.damaged").read_bytes() == b"truncated"
+    assert torch.load(ckpt, weights_only=True)["complete"]
+
+
+def test_the_default_source_names_what_is_wrong(real_root: Path, easy_root: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    def segment(synth: Path) -> list[str]:
+        return ["--gpu", "-1", "--results_path", str(tmp_path / "res"), "segment", "mvtec", str(real_root),
+                "-d", "texture", "--synthetic", str(synth), *TRAIN]
+
+    err = _cli_error(capsys, segment(tmp_path / "no-such"))
+    assert f"synthetic folder '{tmp_path / 'no-such'}' does not exist" in err
+    dashed = Path(shutil.copytree(easy_root, tmp_path / "my-synth"))
+    err = _cli_error(capsys, segment(dashed))
+    assert "folder's name 'my-synth'" in err and "give --source NAME" in err and "--source 'my-synth'" not in err
 
 
 def test_one_class_pipeline_script(tmp_path: Path) -> None:
