@@ -26,11 +26,9 @@ from typing import Callable
 import torch
 import torchvision
 
+from errors import BackboneError
+
 Stages = list[tuple[str, torch.nn.Module]]
-
-
-class BackboneError(ValueError):
-    """A backbone that cannot be built (unknown name, bad layer, missing weights)."""
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from backbones import Stages
+from choices import PRECISIONS  # re-exported: common.PRECISIONS
+from methods import MethodConfig
 
 SMOOTHING_SIGMA = 4.0  # Gaussian smoothing of the anomaly maps (Eq. 12)
 SMOOTHING_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
 LEAKY_RELU_SLOPE = 0.2  # discriminator activations (both releases)
-PRECISIONS = ("fp32", "tf32", "bf16")
-BACKBONE_STATS = ("release", "imagenet")  # BatchNorm statistics of the frozen backbone (see release_statistics)
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -294,41 +293,6 @@ def cosine_argmax(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the method interface
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MethodConfig:
-    """Settings every method has (the engine reads these); a method's config adds its own."""
-
-    backbone: str = "wideresnet50"
-    layers: tuple[str, ...] = ("layer2", "layer3")
-    pretrain_embed_dimension: int = 1536
-    target_embed_dimension: int = 1536
-    patchsize: int = 3
-    meta_epochs: int = 640
-    eval_epochs: int = 1
-    pre_proj: int = 1
-    lr: float = 1e-4
-    k: float = 0.25
-    train_backbone: bool = False
-    limit: int = -1  # an epoch ends after the first batch that takes the sample count above this (-1: no limit)
-    backbone_stats: str = "release"  # BatchNorm statistics: the releases' (one train-mode forward) or ImageNet's
-    reseed: int | None = None  # the releases' '.seed-N' backbone suffix: reseed with N once the model is built
-    imagesize: int = 288
-    batch_size: int = 8
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["layers"] = list(self.layers)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "MethodConfig":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in values.items() if k in known}
-        if "layers" in values:
-            values["layers"] = tuple(values["layers"])
-        return cls(**values)
 
 
 StepStats = dict[str, torch.Tensor]

@@ -1,7 +1,7 @@
 """CRAS, the method (CRAS_SPEC section 2): per-class center banks, residual synthesis, class-aware scoring.
 
 Reading order:
-    CRASConfig        its hyper-parameters, released defaults
+    CRASConfig        its hyper-parameters, released defaults (defined in methods.py, torch-free)
     class_centers     the center bank of one class: mean of batch means of P(E(x)) (section 2.4)
     residual_scale    the per-patch noise scale alpha of the distance-guided synthesis (section 2.5, step 4)
     NoiseStream       an epoch's noise, the release's draws from the global CPU generator, drawn one step ahead
@@ -15,30 +15,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax, finite_bce
+from common import Discriminator, Method, Projection, StepStats, cosine_argmax, finite_bce
+from methods import CRASConfig
 
 DISCRIMINATOR_WEIGHT_DECAY = 1e-5  # Adam on D (cras.py: load); P uses AdamW's default 0.01
 P_MARGIN = 0.5  # the release's p_true / p_fake logging threshold
-CLASS_VOTES = ("batch", "image")
-NOISE_DEVICES = ("cpu", "device")
-
-
-@dataclass
-class CRASConfig(MethodConfig):
-    """CRAS's configuration; defaults are the released scripts' (spec 1.2-1.3)."""
-
-    meta_epochs: int = 100
-    k: float = 0.3
-    batch_size: int = 32  # multi-class; the single setting's 8 is main.py's CRAS_SINGLE_BATCH_SIZE
-    dsc_layers: int = 3
-    noise: float = 0.015  # std of the Gaussian residual noise
-    class_vote: str = "batch"  # test-time class: majority of the batch (release) or each image's own
-    noise_device: str = "cpu"  # where the noise is drawn: the CPU generator (release) or the compute device
 
 
 def discriminator_widths(dim: int, dsc_layers: int) -> list[int]:

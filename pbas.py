@@ -1,7 +1,7 @@
 """PBAS, the method (spec sections 3-6): center initialisation, one training step, scoring.
 
 Reading order:
-    PBASConfig                     its hyper-parameters, released defaults
+    PBASConfig                     its hyper-parameters, released defaults (defined in methods.py, torch-free)
     nearest_center, update_center  the 1-NN search and the EMA update of ABL (section 4, Algorithm 1)
     center_direction               the unit direction of AFS (Eq. 7), defined as zero on the center
     PBAS                           P_theta + D_psi + the center c: initialize (section 4), loss (section 5),
@@ -12,29 +12,16 @@ Everything else (features, batches, the fit loop, evaluation, checkpoints) is th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from common import Discriminator, Method, MethodConfig, Projection, StepStats, cosine_argmax, finite_bce
+from common import Discriminator, Method, Projection, StepStats, cosine_argmax, finite_bce
+from methods import CENTER_METRICS, PBASConfig
 
 CENTER_EMA_BETA = 0.1  # beta of the center EMA (paper section III-C, released value)
 PROJECTOR_WEIGHT_DECAY = 1e-5  # the paper's gamma (Adam on P_theta)
 DISCRIMINATOR_WEIGHT_DECAY = 1e-2  # the paper's delta (AdamW default in the release)
-CENTER_METRICS = ("cosine", "euclidean")
-DSC_OPTIMIZERS = ("adamw", "adam")
-
-
-@dataclass
-class PBASConfig(MethodConfig):
-    """PBAS's configuration; defaults are the released ones (spec section 8)."""
-
-    dsc_layers: int = 2
-    dsc_hidden: int = 1024
-    dsc_margin: float = 0.5  # only for the p_true / p_fake progress figures
-    center_metric: str = "cosine"  # the paper says Euclidean 1-NN
-    dsc_optimizer: str = "adamw"  # the paper says Adam
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Run machinery shared by every pipeline (PBAS/CRAS engine, PANDA): stop requests from signals, the global
 random streams of a resumable state, reading a resumable state that may be damaged, and process hygiene for
-worker processes.
+worker processes. Light to import (torch and NumPy load with the first random-state call): the command line
+installs the stop handlers before it parses.
 
 A stop is cooperative: a signal handler records it (``request_stop``), the training loop polls
 ``stop_requested`` at step boundaries, saves its state and raises ``Interrupted``; the CLI turns that into
@@ -8,23 +9,24 @@ exit code 128 + signal. A second signal (not the same one delivered twice) stops
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import random
 import signal
 import time
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
-import numpy as np
-import torch
+from errors import UserError
 
-from utils import UserError
+if TYPE_CHECKING:
+    import torch
 
 LOG = logging.getLogger("pbas")
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 DUPLICATE_SIGNAL_SECONDS = 3.0  # a second stop signal sooner than this is the same stop delivered twice
-DISCARD_DAMAGED_OPTION = "--discard_damaged_state"  # main.py's flag: set a damaged training state aside
+DISCARD_DAMAGED_OPTION = "--discard_damaged_state"  # the command line's flag: set a damaged training state aside
 DAMAGED_SUFFIX = ".damaged"  # a damaged resumable state set aside on request: train_state.pt -> train_state.pt.damaged
 State = TypeVar("State")
 
@@ -70,6 +72,19 @@ def install_stop_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+@contextlib.contextmanager
+def stop_handlers() -> Iterator[None]:
+    """Within: no stop requested yet and the stop handlers installed; the previous handlers are restored after."""
+    request_stop(0)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    install_stop_handlers()
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def die_with_parent() -> None:
     """Linux: have the kernel send this process SIGTERM when its parent dies (even by SIGKILL), so that a
     worker saves its state and stops instead of training on as an orphan."""
@@ -84,18 +99,26 @@ def rng_state(device: torch.device | None = None) -> dict:
     """Every global random stream: Python, NumPy, torch CPU and the job's CUDA device (tensors and plain data,
     so that it loads with weights_only). Only ``device``'s CUDA generator (None on the CPU): a requeued job may
     see fewer GPUs, and its own is the only one it draws from."""
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
             "torch": torch.get_rng_state(), "cuda": _cuda_rng_state(device)}
 
 
 def _cuda_rng_state(device: torch.device | None) -> torch.Tensor | None:
+    import torch
+
     return torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
 
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Restore what ``rng_state`` saved; its CUDA generator goes to ``device`` (whatever its index now). A state
     of an earlier version holds a list, one per GPU then visible: the entry of ``device``'s index, if any."""
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
 from datasets.base import IMAGE_EXTENSIONS
+from errors import UserError
 
 LOG = logging.getLogger("pbas")
 CHECKPOINT_FORMAT = 3  # 2: a 'method' field, per-class metrics and centers [C, H*W, D] for multi-class jobs;
@@ -42,10 +43,6 @@ RESULT_COLUMNS = (
     "image_f1_threshold", "image_f1",  # F1-optimal image threshold on the test set (best epoch) and its F1
     "pixel_f1", "pixel_iou", "pixel_f1_threshold",  # the defect class at the F1-optimal pixel threshold (pooled)
 )
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------

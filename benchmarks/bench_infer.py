@@ -40,12 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import backbones  # noqa: E402
 import engine  # noqa: E402
 import inference  # noqa: E402
-import main  # noqa: E402
 import pbas  # noqa: E402
+import runner  # noqa: E402
 import utils  # noqa: E402
-from common import PRECISIONS, Embedder  # noqa: E402
+from choices import PRECISIONS  # noqa: E402
+from common import Embedder  # noqa: E402
 
-METHODS = main.METHODS
+METHODS = runner.METHODS
 DEFAULT_LAYERS = {"efficientnet_lite0": ("blocks.2", "blocks.4")}  # other backbones: the release's layer2, layer3
 RELEASE_LAYERS = ("layer2", "layer3")
 CRAS_CLASSES = 15  # MVTec AD's classes: the bank count of CRAS's multi-class model

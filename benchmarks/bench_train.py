@@ -57,12 +57,13 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import backbones  # noqa: E402
-import cras  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
-import main  # noqa: E402
+import methods  # noqa: E402
+import runner  # noqa: E402
 import utils  # noqa: E402
-from common import PRECISIONS, Embedder, Method  # noqa: E402
+from choices import PRECISIONS  # noqa: E402
+from common import Embedder, Method  # noqa: E402
 
 MVTEC_TRAIN, MVTEC_TEST = 3629, 1725  # images in all of MVTec AD (15 classes)
 PROTOCOL_EPOCHS = {("pbas", "single"): 640, ("cras", "multi"): 100, ("cras", "single"): 640}  # the releases' scripts
@@ -73,14 +74,14 @@ COMPARED = (*utils.METRIC_COLUMNS, "pixel_aupro")  # metrics that must agree bet
 SAME_TOLERANCE = 1e-4
 PEAK_COLUMN = "peak GPU mem (reserved + context)"  # gpu_report.py reads this column
 # method options: (argparse dest, type, choices, help); None means the method's Config default; options of the
-# other method are rejected with main.NOT_FOR's reason
+# other method are rejected with methods.NOT_FOR's reason
 METHOD_OPTIONS = (
     ("k", float, None, "synthesis scale (PBAS: offset fraction; CRAS: noise-scale spread)"),
     ("dsc_layers", int, None, "discriminator depth"),
     ("dsc_hidden", int, None, "PBAS: discriminator hidden width"),
     ("noise", float, None, "CRAS: std of the Gaussian residual noise"),
-    ("noise_device", str, cras.NOISE_DEVICES, "CRAS: draw the noise on the CPU (release) or on the compute device"),
-    ("class_vote", str, cras.CLASS_VOTES, "CRAS: test-time class bank: batch (release) or each image's own"),
+    ("noise_device", str, methods.NOISE_DEVICES, "CRAS: draw the noise on the CPU (release) or on the compute device"),
+    ("class_vote", str, methods.CLASS_VOTES, "CRAS: test-time class bank: batch (release) or each image's own"),
     ("limit", int, None, "CRAS: end each epoch after the batch that takes the sample count above LIMIT (-1: whole epochs)"),
     ("lr", float, None, "projector learning rate (the discriminator uses 2*lr)"),
 )
@@ -279,8 +280,8 @@ def max_difference(a: dict[str, dict], b: dict[str, dict], keys) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=list(main.METHODS), default="pbas", help="pbas (default) or cras")
-    ap.add_argument("--setting", choices=list(main.SETTINGS), default=None,
+    ap.add_argument("--method", choices=list(runner.METHODS), default="pbas", help="pbas (default) or cras")
+    ap.add_argument("--setting", choices=list(methods.SETTINGS), default=None,
                     help="CRAS: multi (default) = one job of --n_classes classes; single = one job of one class")
     ap.add_argument("--n_classes", type=int, default=None,
                     help=f"CRAS multi: classes in the job: carpet, carpet2, ... (default {DEFAULT_N_CLASSES}); else 1")
@@ -294,11 +295,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image_size", type=int, default=1024, help="side of the generated PNGs")
     ap.add_argument("--imagesize", type=int, default=288, help="center-crop size fed to the network")
     ap.add_argument("--resize", type=int, default=None,
-                    help=f"shorter side before the crop (default: the release's, pbas {main.RESIZE_DEFAULTS['pbas']}, "
-                         f"cras {main.RESIZE_DEFAULTS['cras']})")
+                    help=f"shorter side before the crop (default: the release's, pbas {methods.RESIZE_DEFAULTS['pbas']}, "
+                         f"cras {methods.RESIZE_DEFAULTS['cras']})")
     ap.add_argument("--batch_size", type=int, default=None,
-                    help=f"default: the method's (pbas {main.METHODS['pbas'].Config.batch_size}; cras "
-                         f"{main.METHODS['cras'].Config.batch_size} multi, {main.CRAS_SINGLE_BATCH_SIZE} single)")
+                    help=f"default: the method's (pbas {runner.METHODS['pbas'].Config.batch_size}; cras "
+                         f"{runner.METHODS['cras'].Config.batch_size} multi, {methods.CRAS_SINGLE_BATCH_SIZE} single)")
     for dest, kind, choices, text in METHOD_OPTIONS:
         ap.add_argument(f"--{dest}", type=kind, choices=choices, default=None, help=f"{text} (default: the method's)")
     ap.add_argument("--num_workers", type=int, default=8, help="data-loading worker processes")
@@ -323,8 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--setting is CRAS's (PBAS trains one model per class)")
     args.setting = args.setting or ("multi" if args.method == "cras" else "single")
     for option, _, _, _ in METHOD_OPTIONS:
-        if getattr(args, option) is not None and option in main.NOT_FOR[args.method]:
-            ap.error(f"--{option} is not used by {args.method.upper()}: {main.NOT_FOR[args.method][option]}")
+        if getattr(args, option) is not None and option in methods.NOT_FOR[args.method]:
+            ap.error(f"--{option} is not used by {args.method.upper()}: {methods.NOT_FOR[args.method][option]}")
     if args.classes is not None:
         if args.n_classes is not None and args.n_classes != len(args.classes):
             ap.error(f"--n_classes {args.n_classes} but {len(args.classes)} --classes")
@@ -341,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name} must be at least 1")
     if args.num_workers < 0:
         ap.error("--num_workers must be non-negative")
-    args.resize = args.resize or main.RESIZE_DEFAULTS[args.method]
+    args.resize = args.resize or methods.RESIZE_DEFAULTS[args.method]
     args.protocol_epochs = args.protocol_epochs or PROTOCOL_EPOCHS[(args.method, args.setting)]
     return args
 
@@ -349,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def method_config(args: argparse.Namespace, method: type[Method]):
     """The method's Config defaults (CRAS single: batch 8), with the options given on the command line."""
     defaults = method.Config()
-    batch = args.batch_size or (main.CRAS_SINGLE_BATCH_SIZE if args.method == "cras" and args.setting == "single"
+    batch = args.batch_size or (methods.CRAS_SINGLE_BATCH_SIZE if args.method == "cras" and args.setting == "single"
                                 else defaults.batch_size)
     values = {dest: getattr(args, dest) for dest, _, _, _ in METHOD_OPTIONS if getattr(args, dest) is not None}
     layers = tuple(args.layers or DEFAULT_LAYERS.get(args.backbone, RELEASE_LAYERS))
@@ -358,7 +359,7 @@ def method_config(args: argparse.Namespace, method: type[Method]):
 
 
 def build_job(args: argparse.Namespace, method: type[Method], root: str) -> engine.Job:
-    """The benchmark's job as main.prepare_jobs builds it: mvtec_dataset (CRAS multi) or mvtec_CLASS."""
+    """The benchmark's job as runner.prepare_jobs builds it: mvtec_dataset (CRAS multi) or mvtec_CLASS."""
     trains, tests = [], []
     for classname in args.classes:
         train, test = datasets.build_datasets("mvtec", root, classname, args.resize, args.imagesize,
@@ -374,7 +375,7 @@ def build_job(args: argparse.Namespace, method: type[Method], root: str) -> engi
 
 def main_cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    method = main.METHODS[args.method]
+    method = runner.METHODS[args.method]
     config = method_config(args, method)
     device = utils.select_device(args.gpu)
     counts = f"{args.n_train}_{args.n_test_good}_{args.n_test_defect}_{args.image_size}"

@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from errors import DatasetError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,13 +67,6 @@ BINARIZED_MASK_LAYOUTS = (LAYOUT_SPLIT_CSV,)
 
 # Errors PIL / the OS raise for missing, unreadable or corrupt image files.
 IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message is one line naming the path/name and the fix."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).splitlines()))
 
 
 @dataclass(frozen=True)

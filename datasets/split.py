@@ -11,7 +11,8 @@ import math
 import os
 from typing import Sequence, TypeVar
 
-ANOMALY_SPLITS = ("third", "all")
+from choices import ANOMALY_SPLITS  # re-exported: datasets.split.ANOMALY_SPLITS
+
 SYNTHESIS_SHARE = 1 / 3  # --anomaly_split third: this share of each defect's anomalies trains the synthesis
 
 T = TypeVar("T")

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from choices import PANDA_DATASETS
 from datasets import btad, folder, mvtec
 from datasets.base import (DatasetError, Sample, check_readable, is_lossy, list_images, list_subfolders, read_mask,
                            read_rgb)
 from datasets.split import split_anomalies
 
-DATASETS = ("mvtec", "btad", "folder")
 # MVTec AD's 73 defect types (15 classes); the public training script has 67 (pill: only pill_type).
 MVTEC_DEFECTS: dict[str, tuple[str, ...]] = {
     "bottle": ("broken_large", "broken_small", "contamination"),
@@ -137,8 +137,8 @@ def _defect_samples(dataset: str, class_path: str, defect: str) -> list[Sample]:
 def collect(dataset: str, root: str, classname: str, defect: str, anomaly_split: str) -> DefectData:
     """The checked files of one (class, defect): normals, the synthesis part of its anomalies (sorted by name),
     every synthesis mask binary and of its image's size. DatasetError (one line) otherwise."""
-    if dataset not in DATASETS:
-        raise DatasetError(f"Unknown PANDA dataset '{dataset}'; valid: {', '.join(DATASETS)}.")
+    if dataset not in PANDA_DATASETS:
+        raise DatasetError(f"Unknown PANDA dataset '{dataset}'; valid: {', '.join(PANDA_DATASETS)}.")
     if not os.path.isdir(root):
         raise DatasetError(f"DATAPATH '{root}' does not exist or is not a directory.")
     class_path = mvtec.class_dir(root, classname)

@@ -29,6 +29,7 @@ import torch
 
 import runstate
 import utils
+from choices import PRECISIONS
 from datasets.split import ANOMALY_SPLITS
 from panda.data import DefectData, collect, default_classes, defect_types, load_images, load_masks
 from panda.noise import GeneratorNoise
@@ -42,7 +43,6 @@ WEIGHTS_NAME = "weights-{:06d}.pt"
 LOSSES_NAME = "losses.csv"
 DATA_REPEATS = 20  # the public dataset repeats each pair 20 times per epoch (``repeats=20``)
 BATCH_STREAM = 1  # the numpy SeedSequence entropy [seed, BATCH_STREAM, epoch] orders each epoch's batches
-PRECISIONS = ("fp32", "tf32", "bf16")
 LOSS_PARTS = ("loss_simple", "loss_mask")  # the masked anomaly-aware term and the anomaly-only term of the loss
 
 

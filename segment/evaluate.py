@@ -7,7 +7,8 @@ Defect map = sigmoid of the network's logit per pixel; image score = the map's m
         and that threshold (metrics.pixel_f1_iou);
     image_auroc, image_ap from the map's maximum, the F1-optimal image threshold and its F1.
 The segmenter is never selected on test data: best_epoch = last_epoch = the training steps, last_* = the same
-values. Rows go to metrics.json in the job folder, in the format main.py's results tables read.
+values. Rows go to metrics.json in the job folder, in the format the run machinery's results tables
+(runner.rebuild_results) read.
 """
 from __future__ import annotations
 

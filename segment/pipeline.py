@@ -6,7 +6,8 @@ and write the job folder in the results-folder conventions of PBAS/CRAS:
     .../metrics.json   the class's row (method "segment", setting "SOURCE:SPLIT"): read into results.csv
     .../scores.csv, heatmaps/DATASET_CLASS/*.png, loss.csv (training loss every train.LOG_EVERY steps)
     RESULTS/config.json  the job's configuration and command (under the folder's lock)
-main.py then rebuilds results.csv / results_seeds.csv from every metrics.json and writes report.html.
+The run machinery (runner.run_segment) then rebuilds results.csv / results_seeds.csv from every metrics.json and
+writes report.html.
 """
 from __future__ import annotations
 

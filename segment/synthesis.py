@@ -26,9 +26,9 @@ from PIL import Image
 
 import utils
 from datasets import read_rgb
+from segment.config import TEXTURE_SOURCES
 from utils import UserError
 
-TEXTURE_SOURCES = ("self", "other")
 DEFAULT_DEFECT = "perlin"
 PERLIN_SCALE_EXPONENTS = 6  # lattice 2^a cells per side, a in [0, 6)
 PERLIN_THRESHOLD = 0.5

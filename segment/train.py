@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -20,6 +19,7 @@ import torch
 import runstate
 import utils
 from segment import networks
+from segment.config import SegmentConfig  # re-exported: segment.train.SegmentConfig
 from segment.data import TrainImages, step_batch
 from utils import UserError
 
@@ -28,39 +28,6 @@ FORMAT = 1  # checkpoint format of the segmenter
 KIND = "segment"
 LOG_EVERY = 50  # a progress line (and a row of the loss log) every this many steps
 WEIGHT_DECAY = 1e-4
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Everything that defines a trained segmenter (recorded in its checkpoint, compared on resume)."""
-
-    arch: str = "unet"
-    encoder: str = networks.DEFAULT_ENCODER
-    encoder_weights: str = networks.WEIGHTS_IMAGENET
-    imagesize: int = 256
-    resize: int = 256
-    steps: int = 4000
-    batch_size: int = 8
-    lr: float = 5e-4
-    anomaly_share: float = 0.5
-    save_every: int = 500
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def check(self) -> None:
-        """One-line UserErrors for values that make no sense."""
-        for key in ("imagesize", "resize", "steps", "batch_size", "save_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        if self.imagesize % 32:
-            raise UserError(f"--imagesize must be a multiple of 32 (the encoder's stride), got {self.imagesize}")
-        if self.imagesize > self.resize:
-            raise UserError(f"--imagesize {self.imagesize} is larger than --resize {self.resize}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not 0 < self.anomaly_share <= 1:
-            raise UserError(f"--anomaly_share must be in (0, 1], got {self.anomaly_share}")
 
 
 def learning_rate(config: SegmentConfig, step: int) -> float:

@@ -9,6 +9,7 @@ import torch
 import backbones
 import main
 import pbas
+import runner
 from common import FeatureExtractor
 
 
@@ -99,7 +100,7 @@ def test_layer_validation():
 def test_release_command_line_is_accepted_verbatim(monkeypatch, tmp_path):
     """Spec section 8, with every other option the release has."""
     seen = {}
-    monkeypatch.setattr(main, "run", lambda opts: seen.setdefault("opts", opts) and [])
+    monkeypatch.setattr(runner, "run", lambda opts: seen.setdefault("opts", opts) and [])
     argv = ("--gpu 0 --seed 0 --test ckpt --results_path RES --log_group g --log_project p --run_name r "
             "net -b wideresnet50 -le layer2 -le layer3 --pretrain_embed_dimension 1536 "
             "--target_embed_dimension 1536 --patchsize 3 --meta_epochs 640 --eval_epochs 1 "

@@ -14,6 +14,7 @@ import torch
 import cras
 import engine
 import main
+import runner
 import utils
 from datasets.synthetic import make_dataset
 
@@ -116,9 +117,9 @@ def test_image_vote_is_recorded_and_evaluated(multi_run: Path, mvtec_root: Path,
 # ----------------------------------------------------------------------------------------------
 
 
-def parsed(monkeypatch, argv: list[str]) -> main.RunOptions:
+def parsed(monkeypatch, argv: list[str]) -> runner.RunOptions:
     seen = {}
-    monkeypatch.setattr(main, "run", lambda opts: seen.setdefault("opts", opts) and [])
+    monkeypatch.setattr(runner, "run", lambda opts: seen.setdefault("opts", opts) and [])
     assert main.cli(argv) == 0
     return seen["opts"]
 
@@ -146,7 +147,7 @@ def test_release_cras_command_line_is_accepted_with_method_added(monkeypatch, tm
     opts = parsed(monkeypatch, [str(tmp_path) if a == "DATA" else a for a in argv])
     assert opts.config == cras.CRASConfig(meta_epochs=int(epochs), batch_size=int(batch))
     assert opts.setting == script and opts.resize == 329 and opts.classes == ["carpet", "grid"]
-    assert [name for name, _ in main.job_groups(opts)] == (["mvtec_dataset"] if script == "multi" else ["mvtec_carpet", "mvtec_grid"])
+    assert [name for name, _ in runner.job_groups(opts)] == (["mvtec_dataset"] if script == "multi" else ["mvtec_carpet", "mvtec_grid"])
 
 
 REJECTED = [("cras", "net", option) for option in ("--dsc_hidden 8", "--dsc_margin 0.4", "--center_metric cosine",

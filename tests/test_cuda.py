@@ -19,6 +19,7 @@ import engine
 import inference
 import main
 import pbas
+import runner
 import utils
 from common import Embedder
 from conftest import TRAINED_CLASS, TRAINED_IMAGESIZE
@@ -69,7 +70,7 @@ def test_device_and_host_caches_give_the_same_metrics(mvtec_root: Path, tmp_path
 
 def test_host_cache_lives_in_ordinary_memory_and_streams_through_pinned_buffers(mvtec_root: Path):
     gpu = torch.device("cuda", 0)
-    _, stages = main.backbones.load_backbone("efficientnet_lite0")
+    _, stages = runner.backbones.load_backbone("efficientnet_lite0")
     encoder = engine.Encoder(Embedder(stages, ("blocks.2", "blocks.4"), 3, 64, 64).to(gpu).eval(), "fp32")
     train, _ = datasets.build_datasets("mvtec", str(mvtec_root), "texture", 64, 64)
     grid = encoder.grid(64, gpu)
@@ -199,7 +200,7 @@ def test_onnx_runs_on_the_cuda_provider(trained_checkpoint: Path, tmp_path: Path
     images = torch.randn(4, 3, TRAINED_IMAGESIZE, TRAINED_IMAGESIZE)
     placed = inference.node_placement(path.read_bytes(), providers, images.numpy())
     assert not placed.get(inference.CPU_PROVIDER), placed  # no floating-point node fell back to the CPU provider
-    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"), main.METHODS)
+    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"), runner.METHODS)
     got = session.run(None, {inference.ONNX_INPUTS[0]: images.numpy()})
     with torch.no_grad():
         want = inference.ExportGraph(model.graph()).eval()(images)
@@ -266,5 +267,5 @@ def test_a_nan_score_on_the_gpu_stops_as_diverged_and_cuda_still_works(method: s
     trainer.method.center = trainer.method.center.nan_to_num()
     with pytest.raises(engine.Diverged, match="loss = nan"):
         trainer.run()
-    assert not main.device_broken(gpu)
+    assert not runner.device_broken(gpu)
     assert float(torch.ones(4, device=gpu).sum()) == 4.0

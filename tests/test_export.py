@@ -11,6 +11,7 @@ import torch
 
 import inference
 import main
+import runner
 from conftest import TRAINED_IMAGESIZE as IMAGESIZE
 
 ONNX_ATOL = 1e-4
@@ -24,7 +25,7 @@ def exported(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_onnx_matches_pytorch(exported: Path, trained_checkpoint: Path):
-    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"), main.METHODS)
+    model, _ = inference.load_model(str(trained_checkpoint), torch.device("cpu"), runner.METHODS)
     reference = inference.ExportGraph(model.graph()).eval()
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(inference.ONNX_INPUTS)

@@ -9,6 +9,7 @@ import torch
 
 import main
 import pbas
+import runner
 
 ARGS = ["--gpu", "-1", "--seed", "0", "net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4",
         "--pretrain_embed_dimension", "32", "--target_embed_dimension", "32", "--dsc_hidden", "16", "--meta_epochs", "2",
@@ -41,14 +42,14 @@ def test_nan_loss_stops_that_class_only(mvtec_root: Path, tmp_path: Path, monkey
 
 
 def test_out_of_memory_names_the_options_to_lower(mvtec_root: Path, tmp_path: Path, monkeypatch, caplog):
-    run_job = main.engine.run_job
+    run_job = runner.engine.run_job
 
     def oom_for_texture(job, *args, **kwargs):
         if job.name == "mvtec_texture":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return run_job(job, *args, **kwargs)
 
-    monkeypatch.setattr(main.engine, "run_job", oom_for_texture)
+    monkeypatch.setattr(runner.engine, "run_job", oom_for_texture)
     assert main.cli(["--results_path", str(tmp_path), *ARGS, str(mvtec_root)]) == 1
     assert rows(tmp_path) == ["mvtec_object", "Mean"]
     message = next(r.getMessage() for r in caplog.records if "mvtec_texture failed" in r.getMessage())

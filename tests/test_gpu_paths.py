@@ -22,8 +22,8 @@ import common
 import cras
 import engine
 import inference
-import main
 import pbas
+import runner
 import runstate
 import utils
 
@@ -196,17 +196,17 @@ def broken_run(jobs_failing: set[str], monkeypatch) -> None:
             raise RuntimeError(f"CUDA error: device-side assert triggered (pid {os.getpid()})")
         return {job.name: {"pid": os.getpid()}}
 
-    monkeypatch.setattr(main.backbones, "load_backbone", lambda name: (None, None))
-    monkeypatch.setattr(main, "Embedder", lambda *args: None)
-    monkeypatch.setattr(main.engine, "run_job", run_job)
-    monkeypatch.setattr(main, "device_broken", lambda device: True)
+    monkeypatch.setattr(runner.backbones, "load_backbone", lambda name: (None, None))
+    monkeypatch.setattr(runner, "Embedder", lambda *args: None)
+    monkeypatch.setattr(runner.engine, "run_job", run_job)
+    monkeypatch.setattr(runner, "device_broken", lambda device: True)
 
 
 def fake_run(tmp_path: Path, gpus: tuple[int, ...], names: list[str]):
-    opts = main.RunOptions(method="pbas", config=pbas.PBASConfig(), dataset="mvtec", datapath=str(tmp_path), classes=names,
-                           setting="single", resize=288, num_workers=0, seeds=(0,), test="ckpt", gpu=gpus,
-                           results_path=str(tmp_path), log_dir=str(tmp_path), precision="fp32", cache="auto",
-                           release_weights=None)
+    opts = runner.RunOptions(method="pbas", config=pbas.PBASConfig(), dataset="mvtec", datapath=str(tmp_path), classes=names,
+                             setting="single", resize=288, num_workers=0, seeds=(0,), test="ckpt", gpu=gpus,
+                             results_path=str(tmp_path), log_dir=str(tmp_path), precision="fp32", cache="auto",
+                             release_weights=None)
     jobs = [types.SimpleNamespace(name=n, seed=0) for n in names]
     reports: dict[int, tuple] = {}
     return opts, jobs, reports, lambda index, rows, error: reports.__setitem__(index, (rows, error))
@@ -215,24 +215,24 @@ def fake_run(tmp_path: Path, gpus: tuple[int, ...], names: list[str]):
 def test_a_broken_cuda_context_stops_the_process_taking_more_jobs(tmp_path: Path, monkeypatch):
     broken_run({"a"}, monkeypatch)
     opts, jobs, reports, report = fake_run(tmp_path, (-1,), ["a", "b"])
-    with pytest.raises(main.BrokenDevice, match="device-side assert"):
-        main.run_jobs(opts, enumerate(jobs), -1, report)
+    with pytest.raises(runner.BrokenDevice, match="device-side assert"):
+        runner.run_jobs(opts, enumerate(jobs), -1, report)
     assert list(reports) == [0] and "device-side assert" in reports[0][1]  # b was not taken
 
 
 def test_a_worker_with_a_broken_cuda_context_exits_and_is_replaced(tmp_path: Path, monkeypatch):
     """Real worker processes (forked here, so that the replaced functions apply; CUDA uses spawn)."""
     broken_run({"a"}, monkeypatch)
-    monkeypatch.setattr(main, "WORKER_START_METHOD", "fork")
+    monkeypatch.setattr(runner, "WORKER_START_METHOD", "fork")
     opts, jobs, reports, report = fake_run(tmp_path, (-1,), ["a", "b", "c"])
-    main.run_parallel(opts, jobs, report)
+    runner.run_parallel(opts, jobs, report)
     assert sorted(reports) == [0, 1, 2]
     failed_pid = int(reports[0][1].split("pid ")[1].split(")")[0])
     assert reports[1][0]["b"]["pid"] != failed_pid and reports[2][0]["c"]["pid"] != failed_pid  # a new process
 
 
 def test_device_broken_is_false_on_the_cpu():
-    assert not main.device_broken(torch.device("cpu"))
+    assert not runner.device_broken(torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,13 +264,13 @@ def test_run_jobs_and_predict_select_their_device(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(utils, "select_device", select)
     opts, _, _, report = fake_run(tmp_path, (1,), [])
     with pytest.raises(utils.UserError, match="selected"):
-        main.run_jobs(opts, iter(()), 1, report)
+        runner.run_jobs(opts, iter(()), 1, report)
     image = tmp_path / "x.png"
     utils.save_png(np.zeros((8, 8, 3), np.uint8), str(image))
     opts = inference.PredictOptions(checkpoint="none", inputs=[str(image)], output=str(tmp_path / "out"), threshold=None,
                                     pixel_threshold=None, batch_size=1, gpu=1, precision="fp32")
     with pytest.raises(utils.UserError, match="selected"):
-        inference.predict(opts, main.METHODS)
+        inference.predict(opts, runner.METHODS)
     assert asked == [1, 1]
 
 

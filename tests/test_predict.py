@@ -16,6 +16,7 @@ import engine
 import inference
 import main
 import metrics
+import runner
 import utils
 from conftest import TRAINED_CLASS as CLASS_NAME, TRAINED_IMAGESIZE as IMAGESIZE
 
@@ -36,7 +37,7 @@ def read_predictions(output: Path) -> dict[str, dict[str, str]]:
 def reference_scores(checkpoint: Path, mvtec_root: Path, split: int) -> tuple[datasets.AnomalyDataset, torch.Tensor]:
     """Image scores of the train (0) or test (1) set the way training and ``--test test`` compute them."""
     cpu = torch.device("cpu")
-    model, ckpt = inference.load_model(str(checkpoint), cpu, main.METHODS)
+    model, ckpt = inference.load_model(str(checkpoint), cpu, runner.METHODS)
     sets = datasets.build_datasets("mvtec", str(mvtec_root), CLASS_NAME, ckpt["config"]["resize"], IMAGESIZE)
     source = engine.FeatureSource(model.encoder, sets[split], batch_size=4, num_workers=0, device=cpu, cache="off",
                                   grid=model.encoder.grid(IMAGESIZE, cpu))

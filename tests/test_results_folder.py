@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import main
+import runner
 import utils
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def test_an_unreadable_metrics_file_is_skipped_with_a_warning(mvtec_root: Path, 
     stray = tmp_path / "models" / "pbas" / "mvtec_object" / "seed0"
     stray.mkdir(parents=True)
     (stray / "metrics.json").write_text("{not json")
-    main.rebuild_results(str(tmp_path))
+    runner.rebuild_results(str(tmp_path))
     assert [r["Row Names"] for r in table(tmp_path)] == ["mvtec_texture", "Mean"]
     assert "ignoring unreadable" in caplog.text
 

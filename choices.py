@@ -1,0 +1,9 @@
+"""The value sets of command-line options shared by several pipelines, defined once here in plain Python (no
+torch, so that parsing and ``--help`` stay fast) and imported from here by the modules that implement them."""
+from __future__ import annotations
+
+PRECISIONS = ("fp32", "tf32", "bf16")  # --precision (utils.configure_precision, common.autocast)
+CACHE_MODES = ("auto", "device", "host", "off")  # --cache: the feature cache of engine.py
+BACKBONE_NAMES = ("wideresnet50", "wideresnet101", "resnet18", "resnet50", "efficientnet_lite0")  # backbones.BACKBONES
+ANOMALY_SPLITS = ("third", "all")  # real anomalies held out for the synthesis (datasets/split.py)
+PANDA_DATASETS = ("mvtec", "btad", "folder")  # the datasets PANDA reads (panda/data.py)
