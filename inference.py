@@ -5,6 +5,7 @@ Reading order:
     InferenceGraph                 nn.Module: normalised images [B, 3, S, S] -> (image_scores [B], anomaly_maps [B, S, S])
     auto_thresholds                the default thresholds, from the normal training images (no labelled defects)
     CropGeometry, to_original      where the S x S network input lies in the original image; maps back to it
+    load, Scorer, Result           the Python API: ``inference.load(checkpoint)(image)`` -> score, decision, map
     predict                        the ``main.py predict`` tool: files -> predictions.csv, overlays, masks
     export_onnx                    the ``main.py export`` tool: the inference graph as ONNX
 
@@ -53,7 +54,7 @@ import datasets
 import engine
 import utils
 from common import PRECISIONS, Embedder, Method, autocast
-from datasets.base import IMAGE_READ_ERRORS, read_rgb
+from datasets.base import IMAGE_READ_ERRORS, read_rgb, to_rgb8
 from utils import InputImage, UserError
 
 LOG = logging.getLogger("pbas")
@@ -446,6 +447,110 @@ def _predict_into(opts: PredictOptions, model: LoadedModel, thresholds: dict, tr
     LOG.info("scored %d image(s) (%d anomalous), skipped %d; results in %s", len(rows), anomalous, skipped,
              os.path.join(opts.output, PREDICTIONS_NAME))
     return 1 if skipped else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the Python API: inference.load(checkpoint)(image) -> Result
+# ----------------------------------------------------------------------------------------------
+
+# A scoring backend: normalised images float32 [B, 3, S, S] -> (image_scores [B], anomaly_maps [B, S, S],
+# class index per image [B]); the PyTorch graph of a checkpoint or an exported file's runtime session.
+Backend = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def default_methods() -> dict[str, type[Method]]:
+    """The method registry by name (the run machinery's ``runner.METHODS``, which this layer may not import)."""
+    import cras
+    import pbas
+
+    return {pbas.PBAS.name: pbas.PBAS, cras.CRAS.name: cras.CRAS}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One scored image: its score and decision, and its anomaly map at the image's own size."""
+
+    score: float  # image score
+    decision: str  # ANOMALOUS (score > image_threshold) or NORMAL
+    map: np.ndarray  # float32 [H, W]: anomaly-map scores of the original pixels, 0 outside the center crop
+    mask: np.ndarray  # bool [H, W]: map > pixel_threshold inside the crop (the predict tool's *_mask.png)
+    inside: np.ndarray  # bool [H, W]: the pixel lies in the center crop that the network sees
+    classname: str  # the class that scored it (CRAS multi-class: the image's nearest class bank)
+    image_threshold: float
+    pixel_threshold: float
+
+
+def to_rgb_image(image: object) -> Image.Image:
+    """A path, a PIL image or a uint8 array [H, W, 3] (or [H, W], grayscale) -> 8-bit RGB PIL image, converted as
+    training reads files (datasets.read_rgb / to_rgb8); a one-line UserError for anything else."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return read_rgb(image)
+        except IMAGE_READ_ERRORS as exc:
+            raise UserError(f"{os.fspath(image)}: cannot read it as an image ({type(exc).__name__})") from exc
+    if isinstance(image, Image.Image):
+        return to_rgb8(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3) \
+                or 0 in image.shape:
+            raise UserError(f"an image array must be uint8 [H, W, 3] (RGB) or [H, W] (grayscale), "
+                            f"got {image.dtype} {list(image.shape)}")
+        return to_rgb8(Image.fromarray(np.ascontiguousarray(image)))
+    raise UserError(f"cannot score a {type(image).__name__}: give a path, a PIL image or a uint8 array [H, W, 3]")
+
+
+class Scorer:
+    """Scores images as ``main.py predict`` does, one at a time or in batches; built by ``load`` / ``load_exported``.
+
+    ``scorer(image) -> Result``; ``scorer.score_all(images, batch_size) -> list[Result]``.
+    """
+
+    def __init__(self, backend: Backend, classes: list[str], thresholds: dict[str, tuple[float, float]],
+                 resize: int, imagesize: int, device: torch.device):
+        self.backend = backend
+        self.classes = classes
+        self.thresholds = thresholds  # class -> (image, pixel)
+        self.resize, self.imagesize = resize, imagesize
+        self.device = device
+        self.transform = datasets.image_transform(resize, imagesize)
+
+    def __call__(self, image: object) -> Result:
+        return self.score_all([image])[0]
+
+    def score_all(self, images: Sequence[object], batch_size: int = 8) -> list[Result]:
+        """Results of ``images`` (each a path, PIL image or uint8 array), scored ``batch_size`` at a time."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        results = []
+        for start in range(0, len(images), batch_size):
+            rgbs = [to_rgb_image(image) for image in images[start:start + batch_size]]
+            batch = torch.stack([self.transform(rgb) for rgb in rgbs]).to(self.device)  # [b, 3, S, S]
+            with torch.no_grad():
+                scores, maps, classes = self.backend(batch)  # [b], [b, S, S], [b]
+            for rgb, score, amap, c in zip(rgbs, scores.tolist(), maps.cpu(), classes.tolist(), strict=True):
+                results.append(self._result(rgb, score, amap, self.classes[c]))
+        return results
+
+    def _result(self, rgb: Image.Image, score: float, amap: torch.Tensor, name: str) -> Result:
+        image_t, pixel_t = self.thresholds[name]
+        scores, inside = to_original(amap, CropGeometry.of(rgb.width, rgb.height, self.resize, self.imagesize))
+        return Result(score=score, decision=ANOMALOUS if score > image_t else NORMAL, map=scores.numpy(),
+                      mask=((scores > pixel_t) & inside).numpy(), inside=inside.numpy(), classname=name,
+                      image_threshold=image_t, pixel_threshold=pixel_t)
+
+
+def load(checkpoint: str, device: str | torch.device = "cpu", precision: str = "fp32",
+         threshold: float | None = None, pixel_threshold: float | None = None,
+         methods: dict[str, type[Method]] | None = None) -> Scorer:
+    """A trained PBAS/CRAS checkpoint -> a Scorer giving ``main.py predict``'s scores, decisions and maps.
+
+    ``threshold`` / ``pixel_threshold`` None: the automatic ones (see the module docstring). ``methods``: the
+    methods it may be of (default: all). One-line UserErrors for unusable checkpoints.
+    """
+    device = torch.device(device)
+    model, ckpt = load_model(checkpoint, device, methods or default_methods(), precision)
+    thresholds = resolve_thresholds(ckpt, threshold, pixel_threshold, checkpoint)
+    return Scorer(model.graph().eval(), model.classes, thresholds, model.resize, model.method.config.imagesize, device)
 
 
 # ----------------------------------------------------------------------------------------------

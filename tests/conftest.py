@@ -69,6 +69,24 @@ def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactor
     return path
 
 
+# A tiny CRAS multi-class model (one model, banks of both classes) for predict/export/inference tests.
+CRAS_TRAIN_ARGS = ("net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "64",
+                   "--target_embed_dimension", "64", "--meta_epochs", "1", "dataset", "--batch_size", "4", "--resize", "64",
+                   "--imagesize", str(TRAINED_IMAGESIZE), "--num_workers", "0", "--setting", "multi",
+                   "-d", "texture", "-d", "object")
+
+
+@pytest.fixture(scope="session")
+def cras_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """checkpoint.pt of a CRAS multi-class model of 'texture' and 'object', 1 epoch (do not modify; copy it first)."""
+    results = tmp_path_factory.mktemp("trained_cras")
+    assert main.cli(["--gpu", "-1", "--method", "cras", "--results_path", str(results), *CRAS_TRAIN_ARGS, "mvtec",
+                     str(mvtec_root)]) == 0
+    path = results / "models" / "cras" / "mvtec_dataset" / "seed0" / engine.CHECKPOINT_NAME
+    assert path.is_file()
+    return path
+
+
 def dataset_error(call, *args) -> str:
     """Run call(*args), expect a DatasetError and return its (one-line) message."""
     with pytest.raises(DatasetError) as info:
