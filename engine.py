@@ -709,6 +709,9 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 
 
+MOVABLE_CONFIG_KEYS = ("datapath",)  # recorded in a job's configuration, but the data may move: not compared
+
+
 def config_difference(saved: dict, wanted: dict) -> str | None:
     """The first setting of two job configurations that differs, or None.
 
@@ -716,7 +719,7 @@ def config_difference(saved: dict, wanted: dict) -> str | None:
     flat_saved = {**saved, **saved.get("net", {})}
     flat_wanted = {**wanted, **wanted.get("net", {})}
     for key in sorted(set(flat_saved) | set(flat_wanted)):
-        if key == "net":
+        if key in ("net", *MOVABLE_CONFIG_KEYS):
             continue
         if flat_saved.get(key) != flat_wanted.get(key):
             return f"{key}={flat_saved.get(key)!r} in the checkpoint, {flat_wanted.get(key)!r} now"

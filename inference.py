@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from PIL import Image
 from tqdm import tqdm
 
@@ -53,6 +54,7 @@ import backbones
 import datasets
 import engine
 import utils
+from choices import EXPORT_FORMATS, EXPORT_PRECISIONS
 from common import PRECISIONS, Embedder, Method, autocast
 from datasets.base import IMAGE_READ_ERRORS, read_rgb, to_rgb8
 from utils import InputImage, UserError
@@ -66,7 +68,7 @@ PREDICTION_COLUMNS = ("path", "class", "image_score", "decision", "image_thresho
 ANOMALOUS, NORMAL = "anomalous", "normal"
 ONNX_OPSET = 18  # the opset the dynamo exporter writes natively
 ONNX_INPUTS = ("images",)
-ONNX_OUTPUTS = ("image_scores", "anomaly_maps")
+ONNX_OUTPUTS = ("image_scores", "anomaly_maps", "classes")  # classes: index into the metadata's class list
 ONNX_LOGGERS = ("onnxscript", "onnx_ir")  # quieted to WARNING while exporting
 ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| accepted by the export check
 PER_IMAGE_VOTE = "image"  # CRAS's class_vote for predict and export
@@ -166,15 +168,15 @@ class InferenceGraph(torch.nn.Module):
 
 
 class ExportGraph(torch.nn.Module):
-    """The fp32 graph that is exported: (image_scores, anomaly_maps) only."""
+    """The fp32 graph that is exported: (image_scores [B], anomaly_maps [B, S, S], classes [B] int64)."""
 
     def __init__(self, scoring: InferenceGraph):
         super().__init__()
         self.scoring = scoring  # not 'graph': torch.fx reserves that attribute name
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps, _ = self.scoring(images)
-        return scores, maps
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, maps, classes = self.scoring(images)
+        return scores, maps, classes.long()
 
 
 def exportable(model: LoadedModel) -> ExportGraph:
@@ -339,7 +341,7 @@ def read_predictions(output: str) -> list[dict]:
 
 @dataclass
 class PredictOptions:
-    checkpoint: str
+    checkpoint: str | None  # exactly one of checkpoint and model
     inputs: list[str]
     output: str
     threshold: float | None  # None: auto
@@ -347,6 +349,7 @@ class PredictOptions:
     batch_size: int
     gpu: int | None
     precision: str
+    model: str | None = None  # a file written by export
 
 
 @dataclass
@@ -394,6 +397,20 @@ def _decode_all(chunk: list[InputImage], transform: Callable[[Image.Image], torc
     return decoded
 
 
+def _scorer_of(opts: PredictOptions, methods: dict[str, type[Method]], device: torch.device) -> "Scorer":
+    """The Scorer of --checkpoint or of --model (exactly one)."""
+    if (opts.checkpoint is None) == (opts.model is None):
+        raise UserError("give either --checkpoint (a training checkpoint) or --model (a file written by export)")
+    if opts.checkpoint is not None:
+        return load(opts.checkpoint, device, opts.precision, opts.threshold, opts.pixel_threshold, methods)
+    if opts.precision != "fp32":
+        raise UserError(f"--precision {opts.precision} applies to --checkpoint; an exported file has its own precision")
+    scorer = load_exported(opts.model, device, opts.threshold, opts.pixel_threshold)
+    if scorer.info.method not in methods:
+        raise UserError(f"--model {opts.model} is a {scorer.info.method.upper()} model, not {', '.join(methods).upper()}")
+    return scorer
+
+
 def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     """Score every input image; write OUTPUT/predictions.csv, overlays and masks. 0: all scored, 1: some skipped.
 
@@ -405,38 +422,33 @@ def predict(opts: PredictOptions, methods: dict[str, type[Method]]) -> int:
     utils.collect_inputs(opts.inputs)  # one-line errors for missing inputs before anything is loaded
     device = utils.select_device(opts.gpu)
     utils.configure_precision(opts.precision, device)
-    model, ckpt = load_model(opts.checkpoint, device, methods, opts.precision)
-    thresholds = resolve_thresholds(ckpt, opts.threshold, opts.pixel_threshold, opts.checkpoint)
-    resize, size = model.resize, model.method.config.imagesize
-    transform = datasets.image_transform(resize, size)
-    infer = model.graph().eval()
+    scorer = _scorer_of(opts, methods, device)
     utils.check_writable_folder(opts.output, "--output")
     with utils.locked(opts.output):  # predicts into one folder take turns; rows and files of earlier ones stay
-        return _predict_into(opts, model, thresholds, transform, infer, device)
+        return _predict_into(opts, scorer, device)
 
 
-def _predict_into(opts: PredictOptions, model: LoadedModel, thresholds: dict, transform, infer, device) -> int:
+def _predict_into(opts: PredictOptions, scorer: "Scorer", device: torch.device) -> int:
     """predict's work inside the locked output folder: earlier rows are kept, an image predicted again is replaced."""
     earlier = read_predictions(opts.output)
     taken = {os.path.abspath(r["path"]): r["overlay"][: -len(OVERLAY_SUFFIX)] for r in earlier
              if r["overlay"].endswith(OVERLAY_SUFFIX)}
     items = utils.collect_inputs(opts.inputs, taken)
-    resize, size = model.resize, model.method.config.imagesize
-    for name, (image_t, pixel_t) in thresholds.items():
+    for name, (image_t, pixel_t) in scorer.thresholds.items():
         LOG.info("%s: image threshold %.6g, pixel threshold %.6g", name, image_t, pixel_t)
     LOG.info("%d image(s); %s", len(items), device)
 
     rows = []
     bar = utils.progress(None, "predict", total=len(items))
     for chunk in engine.batches_of(items, opts.batch_size):
-        decoded = _decode_all(chunk, transform)
+        decoded = _decode_all(chunk, scorer.transform)
         if decoded:
             with torch.no_grad():
-                scores, maps, classes = infer(torch.stack([d.tensor for d in decoded]).to(device))  # [b], [b, S, S], [b]
+                scores, maps, classes = scorer.backend(torch.stack([d.tensor for d in decoded]).to(scorer.device))
             for d, score, amap, c in zip(decoded, scores.tolist(), maps.cpu(), classes.tolist(), strict=True):
-                geometry = CropGeometry.of(d.rgb.shape[1], d.rgb.shape[0], resize, size)
-                name = model.classes[c]
-                rows.append(_write_outputs(d, name, score, amap, geometry, thresholds[name], opts.output))
+                geometry = CropGeometry.of(d.rgb.shape[1], d.rgb.shape[0], scorer.resize, scorer.imagesize)
+                name = scorer.classes[c]
+                rows.append(_write_outputs(d, name, score, amap, geometry, scorer.thresholds[name], opts.output))
         bar.update(len(chunk))
     bar.close()
     new = {os.path.abspath(r["path"]) for r in rows}
@@ -506,8 +518,9 @@ class Scorer:
     """
 
     def __init__(self, backend: Backend, classes: list[str], thresholds: dict[str, tuple[float, float]],
-                 resize: int, imagesize: int, device: torch.device):
+                 resize: int, imagesize: int, device: torch.device, info: "ExportedInfo | None" = None):
         self.backend = backend
+        self.info = info  # an exported file's metadata; None for a checkpoint
         self.classes = classes
         self.thresholds = thresholds  # class -> (image, pixel)
         self.resize, self.imagesize = resize, imagesize
@@ -554,16 +567,167 @@ def load(checkpoint: str, device: str | torch.device = "cpu", precision: str = "
 
 
 # ----------------------------------------------------------------------------------------------
+# exported files: their metadata, inference.load_exported
+# ----------------------------------------------------------------------------------------------
+
+METADATA_KEY = "pbas_cras_export"  # the ONNX metadata_props entry (JSON) that export writes
+METADATA_VERSION = 1
+METADATA_FIELDS = ("version", "method", "classes", "thresholds", "resize", "imagesize", "mean", "std", "format",
+                   "precision", "quality", "graph_sha256")
+
+
+@dataclass(frozen=True)
+class ExportedInfo:
+    """What an exported file is: its metadata (ONNX ``metadata_props[METADATA_KEY]``, JSON)."""
+
+    method: str  # pbas / cras
+    classes: list[str]  # the checkpoint's classes; the graph's 'classes' output indexes them
+    thresholds: dict[str, list[float]] | None  # class -> [image, pixel], the automatic ones; None: none stored
+    resize: int  # preprocessing: shorter side to resize, center crop imagesize, normalise with mean / std
+    imagesize: int
+    mean: list[float]
+    std: list[float]
+    format: str  # EXPORT_FORMATS
+    precision: str  # EXPORT_PRECISIONS
+    quality: dict  # what export measured against float32 (empty at fp32)
+    graph_sha256: str  # of the graph as written: a file changed after export is refused
+    version: int = METADATA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({name: getattr(self, name) for name in METADATA_FIELDS}, sort_keys=True)
+
+
+def graph_digest(proto: onnx.ModelProto) -> str:
+    """sha256 of the model's graph (deterministic serialisation), not of its metadata."""
+    import hashlib
+
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _bad(path: str, why: str) -> UserError:
+    return UserError(f"--model {path}: {why}; export it again with main.py export")
+
+
+def _check_info(values: object, path: str) -> ExportedInfo:
+    """The metadata dict -> ExportedInfo; a one-line UserError naming the first missing or malformed field."""
+    if not isinstance(values, dict):
+        raise _bad(path, "its export metadata is not a JSON object")
+    missing = [name for name in METADATA_FIELDS if name not in values]
+    if missing:
+        raise _bad(path, f"its export metadata lacks {', '.join(missing)}")
+    if values["version"] != METADATA_VERSION:
+        raise _bad(path, f"its export metadata is version {values['version']!r}; this version reads {METADATA_VERSION}")
+    info = ExportedInfo(**{name: values[name] for name in METADATA_FIELDS})
+    classes, thresholds = info.classes, info.thresholds
+    checks = [
+        (info.method in default_methods(), f"unknown method {info.method!r}"),
+        (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes), "no class list"),
+        (thresholds is None or (isinstance(thresholds, dict) and set(thresholds) == set(classes or []) and all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in t)
+            for t in thresholds.values())), "thresholds that do not match its classes"),
+        (isinstance(info.resize, int) and isinstance(info.imagesize, int) and info.resize > 0 and info.imagesize > 0,
+         "no image size"),
+        (info.mean == list(datasets.IMAGENET_MEAN) and info.std == list(datasets.IMAGENET_STD),
+         "a normalisation other than ImageNet's, which this version does not apply"),
+        (info.format in EXPORT_FORMATS, f"unknown format {info.format!r}"),
+        (info.precision in EXPORT_PRECISIONS, f"unknown precision {info.precision!r}"),
+        (isinstance(info.quality, dict), "no quality record"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            raise _bad(path, f"its export metadata has {why}")
+    return info
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def read_exported(path: str) -> tuple[bytes, ExportedInfo]:
+    """An ONNX file written by export -> (its bytes, its metadata). Parsing ONNX runs no code; anything else
+    (a pickle, a foreign or older ONNX file, one changed after export, metadata that does not fit the graph)
+    is a one-line UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"--model {path} is a folder, not an exported model file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UserError(f"--model {path} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as exc:
+        raise UserError(f"--model {path} is not an ONNX file ({type(exc).__name__})") from exc
+    if not proto.graph.node:
+        raise UserError(f"--model {path} is not an ONNX model (no graph)")
+    props = {entry.key: entry.value for entry in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise _bad(path, "it holds no export metadata of this project (another tool's or an older export)")
+    try:
+        values = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise _bad(path, f"its export metadata is not JSON ({exc.msg})") from exc
+    info = _check_info(values, path)
+    if graph_digest(proto) != info.graph_sha256:
+        raise _bad(path, "its graph is not the one exported (the file was changed after export)")
+    inputs = [(i.name, _dims(i)) for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if len(inputs) != 1 or inputs[0][0] != ONNX_INPUTS[0] or inputs[0][1][1:] != [3, info.imagesize, info.imagesize]:
+        raise _bad(path, f"its input {inputs} is not images [B, 3, {info.imagesize}, {info.imagesize}] as its metadata says")
+    if outputs != list(ONNX_OUTPUTS):
+        raise _bad(path, f"its outputs {outputs} are not {list(ONNX_OUTPUTS)}")
+    return data, info
+
+
+def exported_thresholds(info: ExportedInfo, image: float | None, pixel: float | None, path: str
+                        ) -> dict[str, tuple[float, float]]:
+    """(image, pixel) thresholds per class from the file's metadata; given numbers replace them (as
+    resolve_thresholds does for a checkpoint)."""
+    if image is not None and pixel is not None:
+        return {name: (image, pixel) for name in info.classes}
+    if info.thresholds is None:
+        raise UserError(f"--model {path} stores no automatic thresholds (its checkpoint had no normal training "
+                        "scores); give --threshold and --pixel_threshold as numbers")
+    return {name: (float(t[0]) if image is None else image, float(t[1]) if pixel is None else pixel)
+            for name, t in info.thresholds.items()}
+
+
+class OrtBackend:
+    """An onnxruntime session as a Scorer backend: images [B, 3, S, S] -> (scores [B], maps [B, S, S], classes [B])."""
+
+    def __init__(self, data: bytes, device: torch.device):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(data, providers=ort_providers(device))
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        got = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUTS[0]: images.float().cpu().numpy()})
+        return tuple(torch.from_numpy(out) for out in got)
+
+
+def load_exported(path: str, device: str | torch.device = "cpu", threshold: float | None = None,
+                  pixel_threshold: float | None = None) -> Scorer:
+    """A file written by ``main.py export`` -> the Scorer of ``load``: preprocessing, classes and thresholds from
+    its metadata, scored by onnxruntime (the CUDA provider for a GPU device)."""
+    device = torch.device(device)
+    data, info = read_exported(path)
+    thresholds = exported_thresholds(info, threshold, pixel_threshold, path)
+    return Scorer(OrtBackend(data, device), info.classes, thresholds, info.resize, info.imagesize, torch.device("cpu"),
+                  info)
+
+
+# ----------------------------------------------------------------------------------------------
 # the export tool
 # ----------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def _quiet(loggers: Sequence[str]) -> Iterator[None]:
-    """Raise the named loggers to WARNING for the duration (the ONNX optimiser logs every rewrite at INFO)."""
+def quiet(loggers: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Raise the named loggers to ``level`` for the duration (the ONNX optimiser logs every rewrite at INFO)."""
     saved = {name: logging.getLogger(name).level for name in loggers}
     for name in loggers:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
@@ -580,7 +744,7 @@ def onnx_bytes(model: LoadedModel, opset: int = ONNX_OPSET) -> bytes:
     size = model.method.config.imagesize
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1)
-    with _quiet(ONNX_LOGGERS):
+    with quiet(ONNX_LOGGERS):
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=list(ONNX_INPUTS),
                                     output_names=list(ONNX_OUTPUTS), dynamic_shapes=({0: batch},), opset_version=opset,
                                     verbose=False)
@@ -623,32 +787,3 @@ def node_placement(data: bytes, providers: list, images: np.ndarray) -> dict[str
         if any(kind in FLOAT_TYPES for tensor in args.get("output_type_shape", []) for kind in tensor):  # [{type: shape}]
             placed.setdefault(args["provider"], collections.Counter())[args["op_name"]] += 1
     return placed
-
-
-def export_onnx(checkpoint: str, output: str, methods: dict[str, type[Method]], opset: int | None = None) -> int:
-    """Export the checkpoint's inference graph to ``output`` (atomic write) and check it against PyTorch.
-
-    ``opset`` None: ONNX_OPSET. 0 when written, 1 when the graph disagrees with PyTorch (nothing written).
-    """
-    opset = ONNX_OPSET if opset is None else opset
-    if opset < ONNX_OPSET:
-        raise UserError(f"--opset {opset}: the exporter writes opset {ONNX_OPSET} and cannot convert this graph "
-                        f"to older opsets (no Pad adapter); use --opset {ONNX_OPSET} or newer")
-    newest = onnx.defs.onnx_opset_version()
-    if opset > newest:
-        raise UserError(f"--opset {opset}: the installed onnx package knows opsets up to {newest}")
-    if os.path.isdir(output):
-        raise UserError(f"--output {output} is a folder; give a file name such as model.onnx")
-    utils.check_writable_folder(os.path.dirname(os.path.abspath(output)), "the folder of --output")
-    model, _ = load_model(checkpoint, torch.device("cpu"), methods, "fp32")
-    data = onnx_bytes(model, opset)
-    size = model.method.config.imagesize
-    diff = utils.onnx_difference(data, ExportGraph(model.graph()).eval(), torch.randn(3, 3, size, size))
-    if max(diff) > ONNX_TOLERANCE:
-        LOG.error("the ONNX graph differs from PyTorch by %.3g (scores) / %.3g (maps); not written", *diff)
-        return 1
-    utils.save_bytes(data, output)
-    LOG.info("wrote %s (%.1f MB, opset %d): images [B, 3, %d, %d] -> image_scores [B], anomaly_maps [B, %d, %d]; "
-             "max |ONNX - PyTorch| on 3 random images: %.2g (scores), %.2g (maps)",
-             output, len(data) / 1e6, opset, size, size, size, size, *diff)
-    return 0

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import click
 
 import runstate
-from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, PANDA_DATASETS, PRECISIONS
+from choices import (ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, EXPORT_CALIBRATION_SIZE, EXPORT_FORMATS, EXPORT_MAX_DROP,
+                     EXPORT_PRECISIONS, PANDA_DATASETS, PRECISIONS)
 from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
 from errors import UserError
 from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
@@ -192,14 +193,16 @@ PIXEL_THRESHOLD_HELP = ("'auto': the 0.999 quantile of all anomaly-map pixel sco
 
 @main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=str)
-@click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/seedN/).")
+@click.option("--checkpoint", type=str, default=None, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/seedN/).")
+@click.option("--model", type=str, default=None, help="Or a file written by export (thresholds, preprocessing from its metadata).")
 @click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
 @click.option("--threshold", type=str, default="auto", help=f"Image threshold. {THRESHOLD_HELP}")
 @click.option("--pixel_threshold", type=str, default="auto", help=f"Pixel threshold of the masks. {PIXEL_THRESHOLD_HELP}")
 @click.option("--batch_size", type=int, default=8, help="Images per forward pass.")
-def predict_command(images: tuple[str, ...], checkpoint: str, output: str, threshold: str, pixel_threshold: str,
-                    batch_size: int) -> tuple[str, object]:
-    """Score IMAGES (files, or folders searched recursively for png/jpg/jpeg/bmp/tif/tiff) with a trained checkpoint.
+def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str | None, output: str, threshold: str,
+                    pixel_threshold: str, batch_size: int) -> tuple[str, object]:
+    """Score IMAGES (files, or folders searched recursively for png/jpg/jpeg/bmp/tif/tiff) with a trained
+    checkpoint, or with a file written by export (--model).
 
     Each image (grayscale, RGB or RGBA; any size) is resized and center-cropped as in training. Writes
     OUTPUT/predictions.csv (path, image_score, decision, the thresholds used, output file names) and, per
@@ -217,7 +220,7 @@ def predict_command(images: tuple[str, ...], checkpoint: str, output: str, thres
 
     def run_tool(g: dict) -> int:
         opts = inference.PredictOptions(
-            checkpoint=checkpoint, inputs=list(images), output=output,
+            checkpoint=checkpoint, model=model, inputs=list(images), output=output,
             threshold=inference.parse_threshold(threshold, "--threshold"),
             pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"),
             batch_size=batch_size, gpu=g["gpu"][0] if g["gpu"] else None, precision=g["precision"])
@@ -231,18 +234,35 @@ def predict_command(images: tuple[str, ...], checkpoint: str, output: str, thres
 @click.option("--output", required=True, type=str, help="ONNX file to write (atomically).")
 @click.option("--opset", type=int, default=None, show_default="the exporter's native opset",
               help="ONNX opset version.")
-def export_command(checkpoint: str, output: str, opset: int | None) -> tuple[str, object]:
-    """Export the whole inference graph of a checkpoint to ONNX (fp32, CPU).
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True,
+              help="File format.")
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
+              help="fp32, or int8: static QDQ quantization of the Conv and Gemm layers (onnxruntime).")
+@click.option("--calibration", type=str, default=None, show_default="the checkpoint's own normal training images",
+              help="int8: folder (or file) of normal images to calibrate on.")
+@click.option("--calibration_size", type=int, default=EXPORT_CALIBRATION_SIZE, show_default=True,
+              help="int8: calibration images, a fixed seeded subset.")
+@click.option("--validation", type=str, default=None,
+              help="int8: a dataset root (the checkpoint's dataset layout) whose test sets measure the AUROC drop.")
+@click.option("--max_drop", type=float, default=None, show_default=f"{EXPORT_MAX_DROP} with --validation",
+              help="int8: largest image and pixel AUROC drop (points) against fp32; layers fall back to fp32 from "
+                   "the graph's end until it holds, else nothing is written.")
+@click.pass_context
+def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int | None, export_format: str,
+                   **int8: object) -> tuple[str, object]:
+    """Export the whole inference graph of a checkpoint to ONNX (CPU), with metadata for predict --model.
 
     Input 'images': normalised images [B, 3, S, S] float32 (resize + center crop + ImageNet normalisation as
-    in training; S = the checkpoint's imagesize), dynamic batch B. Outputs 'image_scores' [B] and
-    'anomaly_maps' [B, S, S]. The graph is always fp32 (the global --precision does not apply). Before
-    writing, its outputs on random images are compared with PyTorch's (onnxruntime, CPU): above 1e-4 it is
-    not written and the exit code is 1.
+    in training; S = the checkpoint's imagesize), dynamic batch B. Outputs 'image_scores' [B], 'anomaly_maps'
+    [B, S, S] and 'classes' [B]. The file's metadata records method, classes, thresholds, preprocessing,
+    precision and what was measured against fp32. The fp32 graph is compared with PyTorch on random images
+    (onnxruntime, CPU): above 1e-4 it is not written and the exit code is 1.
     """
-    import inference
+    import deploy
 
-    return "export", lambda g: inference.export_onnx(checkpoint, output, checkpoint_method(g), opset)
+    opts = deploy.ExportOptions(checkpoint, output, opset, export_format, **int8)
+    given = frozenset(given_options(ctx, int8))
+    return "export", lambda g: deploy.export(opts, checkpoint_method(g), given)
 
 
 @main.command("report", context_settings=CONTEXT)

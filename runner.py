@@ -207,6 +207,7 @@ class RunOptions:
             "setting": self.setting,
             "net": self.config.to_dict(),
             "dataset": self.dataset,
+            "datapath": self.datapath,  # where the training images are (export's calibration); may move
             "classes": list(classnames),
             "resize": resize,
             "requested_resize": self.resize,
