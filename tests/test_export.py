@@ -33,12 +33,13 @@ def test_onnx_matches_pytorch(exported: Path, trained_checkpoint: Path):
     generator = torch.Generator().manual_seed(0)
     for batch in (1, 3, 5):  # the batch axis is dynamic
         images = torch.randn(batch, 3, IMAGESIZE, IMAGESIZE, generator=generator)
-        scores, maps = session.run(None, {"images": images.numpy()})
+        scores, maps, classes = session.run(None, {"images": images.numpy()})
         with torch.no_grad():
-            want_scores, want_maps = reference(images)
+            want_scores, want_maps, want_classes = reference(images)
         assert scores.shape == (batch,) and maps.shape == (batch, IMAGESIZE, IMAGESIZE)
         np.testing.assert_allclose(scores, want_scores.numpy(), atol=ONNX_ATOL, rtol=0)
         np.testing.assert_allclose(maps, want_maps.numpy(), atol=ONNX_ATOL, rtol=0)
+        np.testing.assert_array_equal(classes, want_classes.numpy())
 
 
 def test_onnx_file_declares_a_dynamic_batch(exported: Path):
@@ -81,3 +82,194 @@ def test_export_to_a_folder_that_cannot_be_written_fails_before_exporting(traine
     assert main.cli(["export", "--checkpoint", str(trained_checkpoint), "--output", str(blocker / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "not a folder" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# deployment: metadata, predict --model, int8, --max_drop, refused files
+# ----------------------------------------------------------------------------------------------
+
+SCORE_ATOL = 1e-4  # predict --model (fp32) against --checkpoint
+
+
+@pytest.fixture(scope="module")
+def fp32_graphs() -> dict:
+    """fp32 ONNX bytes by (method, classes), filled by fast_export: the dynamo export runs once per checkpoint."""
+    return {}
+
+
+@pytest.fixture
+def fast_export(fp32_graphs: dict, monkeypatch: pytest.MonkeyPatch):
+    """main.py export as it is, with the (slow, already tested) dynamo export of each checkpoint done once."""
+    slow = inference.onnx_bytes
+
+    def cached(model, opset=inference.ONNX_OPSET):
+        key = (model.method.name, tuple(model.classes), opset)
+        if key not in fp32_graphs:
+            fp32_graphs[key] = slow(model, opset)
+        return fp32_graphs[key]
+
+    monkeypatch.setattr(inference, "onnx_bytes", cached)
+
+
+def export_cli(checkpoint: Path, output: Path, *extra: str) -> int:
+    return main.cli(["export", "--checkpoint", str(checkpoint), "--output", str(output), *extra])
+
+
+def predict_rows(output: Path, *args: str) -> dict[str, dict[str, str]]:
+    import csv
+
+    assert main.cli(["--gpu", "-1", "predict", *args, "--output", str(output)]) == 0
+    with open(output / inference.PREDICTIONS_NAME, newline="") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def metadata(path: Path) -> dict:
+    import json
+
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return json.loads(props[inference.METADATA_KEY])
+
+
+def test_exported_file_records_what_it_is(exported: Path, trained_checkpoint: Path):
+    info = metadata(exported)
+    ckpt = torch.load(trained_checkpoint, weights_only=False)
+    assert info["method"] == "pbas" and info["classes"] == ckpt["classes"] and info["precision"] == "fp32"
+    assert info["resize"] == ckpt["config"]["resize"] and info["imagesize"] == IMAGESIZE and info["format"] == "onnx"
+    want = inference.resolve_thresholds(ckpt, None, None, str(trained_checkpoint))
+    assert {k: tuple(v) for k, v in info["thresholds"].items()} == want
+    assert info["graph_sha256"] == inference.graph_digest(onnx.load(str(exported)))
+
+
+def test_predict_model_decides_as_the_checkpoint(exported: Path, trained_checkpoint: Path, mvtec_root: Path,
+                                                 tmp_path: Path):
+    folder = str(mvtec_root / "texture" / "test")
+    want = predict_rows(tmp_path / "ckpt", "--checkpoint", str(trained_checkpoint), folder)
+    got = predict_rows(tmp_path / "model", "--model", str(exported), folder)
+    assert set(got) == set(want) and {r["decision"] for r in want.values()} == {"normal", "anomalous"}
+    for path, row in want.items():
+        assert got[path]["decision"] == row["decision"] and got[path]["class"] == row["class"]
+        assert float(got[path]["image_score"]) == pytest.approx(float(row["image_score"]), abs=SCORE_ATOL)
+        assert (got[path]["image_threshold"], got[path]["pixel_threshold"]) == (row["image_threshold"], row["pixel_threshold"])
+    image = sorted((mvtec_root / "texture" / "test").rglob("*.png"))[-1]
+    a, b = inference.load_exported(str(exported))(image), inference.load(str(trained_checkpoint))(image)
+    assert a.decision == b.decision and a.score == pytest.approx(b.score, abs=SCORE_ATOL)
+    np.testing.assert_allclose(a.map, b.map, atol=SCORE_ATOL, rtol=0)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import scipy.stats
+
+    return float(scipy.stats.spearmanr(a, b).statistic)
+
+
+@pytest.mark.parametrize("which", ["pbas", "cras"])
+def test_int8_export_predicts_close_to_fp32(which: str, trained_checkpoint: Path, cras_checkpoint: Path,
+                                            mvtec_root: Path, tmp_path: Path, fast_export):
+    """Calibrated on the checkpoint's own training images (its recorded DATAPATH); CRAS: the multi-class model."""
+    checkpoint = trained_checkpoint if which == "pbas" else cras_checkpoint
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    assert export_cli(checkpoint, fp32) == 0
+    assert export_cli(checkpoint, int8, "--precision", "int8") == 0
+    info = metadata(int8)
+    assert info["precision"] == "int8" and info["quality"]["calibration_images"] == 8 * len(info["classes"])
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    folder = tmp_path / "test"  # both classes' test images in one folder
+    folder.mkdir()
+    for source in sorted(mvtec_root.glob("*/test/*/*.png")):
+        (folder / f"{source.parts[-4]}_{source.parent.name}_{source.name}").write_bytes(source.read_bytes())
+    want = predict_rows(tmp_path / "p32", "--model", str(fp32), str(folder))
+    got = predict_rows(tmp_path / "p8", "--model", str(int8), str(folder))
+    paths = sorted(want)
+    assert spearman([float(want[p]["image_score"]) for p in paths], [float(got[p]["image_score"]) for p in paths]) >= 0.95
+    assert np.mean([want[p]["class"] == got[p]["class"] for p in paths]) >= 0.9
+
+
+def test_max_drop_refuses_what_int8_cannot_meet(trained_checkpoint: Path, mvtec_root: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture, fast_export):
+    """Calibrated on black images, every activation range misses the real images: int8 must lose AUROC."""
+    from PIL import Image
+
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(2):
+        Image.new("RGB", (IMAGESIZE, IMAGESIZE)).save(black / f"{i}.png")
+    out = tmp_path / "m.onnx"
+    capsys.readouterr()
+    assert export_cli(trained_checkpoint, out, "--precision", "int8", "--calibration", str(black),
+                      "--validation", str(mvtec_root), "--max_drop", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: int8 cannot meet --max_drop 0") and "\n" not in err and "(fp32) ->" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--calibration", "x"), "--calibration applies to --precision int8 only"),
+    (("--precision", "int8", "--max_drop", "1"), "--max_drop needs --validation"),
+    (("--precision", "int8", "--calibration_size", "0"), "--calibration_size must be at least 1"),
+    (("--precision", "int8", "--calibration", "no/such"), "--calibration no/such does not exist"),
+])
+def test_bad_deployment_options(trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args, words):
+    capsys.readouterr()
+    assert export_cli(trained_checkpoint, tmp_path / "m.onnx", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+
+
+class Pickled:
+    """Unpickling it would create the file named by MARKER."""
+
+    MARKER = ""
+
+    def __reduce__(self):
+        return (open, (self.MARKER, "w"))
+
+
+def tampered(exported: Path, tmp_path: Path, how: str) -> Path:
+    import json
+
+    proto = onnx.load(str(exported))
+    props = {p.key: p for p in proto.metadata_props}
+    if how == "weights":
+        init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        init.raw_data = bytes(len(init.raw_data))
+    elif how == "no metadata":
+        del proto.metadata_props[:]
+    else:
+        values = json.loads(props[inference.METADATA_KEY].value)
+        if how == "imagesize":
+            values["imagesize"] = IMAGESIZE // 2
+        elif how == "classes":
+            values["classes"] = ["a", "b"]
+        elif how == "missing":
+            del values["precision"]
+        props[inference.METADATA_KEY].value = json.dumps(values)
+    path = tmp_path / f"{how}.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("how,words", [
+    ("weights", "changed after export"),
+    ("no metadata", "holds no export metadata"),
+    ("imagesize", f"is not images [B, 3, {IMAGESIZE // 2}"),
+    ("classes", "thresholds that do not match its classes"),
+    ("missing", "lacks precision"),
+    ("pickle", "is not an ONNX file"),
+])
+def test_predict_refuses_a_file_that_is_not_what_it_says(how: str, words: str, exported: Path, mvtec_root: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture):
+    if how == "pickle":
+        import pickle
+
+        Pickled.MARKER = str(tmp_path / "code_ran")
+        path = tmp_path / "model.onnx"
+        path.write_bytes(pickle.dumps(Pickled()))
+    else:
+        path = tampered(exported, tmp_path, how)
+    capsys.readouterr()
+    code = main.cli(["--gpu", "-1", "predict", "--model", str(path), str(mvtec_root / "texture" / "test"),
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --model") and "\n" not in err and words in err, err
+    assert not (tmp_path / "code_ran").exists() and not (tmp_path / "out").exists()
