@@ -202,15 +202,13 @@ PIXEL_THRESHOLD_HELP = ("'auto': the 0.999 quantile of all anomaly-map pixel sco
 def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str | None, output: str, threshold: str,
                     pixel_threshold: str, batch_size: int) -> tuple[str, object]:
     """Score IMAGES (files, or folders searched recursively for png/jpg/jpeg/bmp/tif/tiff) with a trained
-    checkpoint, or with a file written by export (--model).
-
-    Each image (grayscale, RGB or RGBA; any size) is resized and center-cropped as in training. Writes
-    OUTPUT/predictions.csv (path, image_score, decision, the thresholds used, output file names) and, per
-    image at its original size, NAME_overlay.png (anomaly map in jet colours over the image) and NAME_mask.png
-    (0/255). NAME is the path relative to the given folder with '/' -> '__' and '.ext' -> '_ext'. Pixels
-    outside the center crop are not seen by the network: score 0, mask 0, no colour. Uses the global --gpu
-    (first id) and --precision. Exit code 0: all scored; 1: unreadable files were skipped (reported on stderr),
-    the rest written; 2: bad arguments or checkpoint.
+    checkpoint, or with a file written by export (--model). Each image (grayscale, RGB or RGBA; any size) is
+    resized and center-cropped as in training. Writes OUTPUT/predictions.csv (path, image_score, decision, the
+    thresholds used, output file names) and, per image at its original size, NAME_overlay.png (anomaly map in
+    jet colours over the image) and NAME_mask.png (0/255); NAME is the path relative to the given folder with
+    '/' -> '__' and '.ext' -> '_ext'. Pixels outside the center crop: score 0, mask 0, no colour. Uses the global
+    --gpu (first id) and --precision (--checkpoint only). Exit code 0: all scored; 1: unreadable files were
+    skipped (reported on stderr), the rest written; 2: bad arguments, checkpoint or model file.
 
     \b
     Default thresholds (auto), from the normal training images, no labelled defects needed:
@@ -232,32 +230,21 @@ def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str 
 @main.command("export", context_settings=CONTEXT)
 @click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training.")
 @click.option("--output", required=True, type=str, help="ONNX file to write (atomically).")
-@click.option("--opset", type=int, default=None, show_default="the exporter's native opset",
-              help="ONNX opset version.")
-@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True,
-              help="File format.")
+@click.option("--opset", type=int, default=None, show_default="the exporter's native opset", help="ONNX opset version.")
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
 @click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
-              help="fp32, or int8: static QDQ quantization of the Conv and Gemm layers (onnxruntime).")
-@click.option("--calibration", type=str, default=None, show_default="the checkpoint's own normal training images",
-              help="int8: folder (or file) of normal images to calibrate on.")
-@click.option("--calibration_size", type=int, default=EXPORT_CALIBRATION_SIZE, show_default=True,
-              help="int8: calibration images, a fixed seeded subset.")
-@click.option("--validation", type=str, default=None,
-              help="int8: a dataset root (the checkpoint's dataset layout) whose test sets measure the AUROC drop.")
-@click.option("--max_drop", type=float, default=None, show_default=f"{EXPORT_MAX_DROP} with --validation",
-              help="int8: largest image and pixel AUROC drop (points) against fp32; layers fall back to fp32 from "
-                   "the graph's end until it holds, else nothing is written.")
+              help="int8: static QDQ quantization of the Conv and Gemm layers (onnxruntime).")
+@click.option("--calibration", type=str, help="int8: normal images to calibrate on  [default: the checkpoint's training images]")
+@click.option("--calibration_size", type=int, default=EXPORT_CALIBRATION_SIZE, show_default=True, help="int8: a seeded subset.")
+@click.option("--validation", type=str, help="int8: a dataset root (the checkpoint's layout); its test sets measure the drop.")
+@click.option("--max_drop", type=float, show_default=f"{EXPORT_MAX_DROP} with --validation",
+              help="int8: largest image/pixel AUROC drop (points); layers fall back to fp32 until it holds, else nothing is written.")
 @click.pass_context
 def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int | None, export_format: str,
                    **int8: object) -> tuple[str, object]:
-    """Export the whole inference graph of a checkpoint to ONNX (CPU), with metadata for predict --model.
-
-    Input 'images': normalised images [B, 3, S, S] float32 (resize + center crop + ImageNet normalisation as
-    in training; S = the checkpoint's imagesize), dynamic batch B. Outputs 'image_scores' [B], 'anomaly_maps'
-    [B, S, S] and 'classes' [B]. The file's metadata records method, classes, thresholds, preprocessing,
-    precision and what was measured against fp32. The fp32 graph is compared with PyTorch on random images
-    (onnxruntime, CPU): above 1e-4 it is not written and the exit code is 1.
-    """
+    """Export the whole inference graph of a checkpoint to ONNX (CPU), with metadata for predict --model: input
+    'images' [B, 3, S, S] float32 normalised as in training; outputs 'image_scores' [B], 'anomaly_maps' [B, S, S],
+    'classes' [B]. The fp32 graph differing from PyTorch by more than 1e-4 is not written (exit code 1)."""
     import deploy
 
     opts = deploy.ExportOptions(checkpoint, output, opset, export_format, **int8)
@@ -496,9 +483,7 @@ def checkpoint_method(g: dict) -> dict[str, type[Method]]:
     """The methods a tool may load: the one of the checkpoint, or only --method's when it was given."""
     from runner import METHODS
 
-    if option_given("method"):
-        return {g["method"]: METHODS[g["method"]]}
-    return METHODS
+    return {g["method"]: METHODS[g["method"]]} if option_given("method") else METHODS
 
 
 def cli(argv: list[str] | None = None) -> int:

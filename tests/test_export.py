@@ -273,3 +273,12 @@ def test_predict_refuses_a_file_that_is_not_what_it_says(how: str, words: str, e
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: --model") and "\n" not in err and words in err, err
     assert not (tmp_path / "code_ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_checkpoints_record_their_datapath_which_may_move(trained_checkpoint: Path, mvtec_root: Path):
+    import engine
+
+    config = torch.load(trained_checkpoint, weights_only=False)["config"]
+    assert config["datapath"] == str(mvtec_root.resolve()) or config["datapath"] == str(mvtec_root)
+    assert engine.config_difference(config, {**config, "datapath": "/elsewhere"}) is None
+    assert engine.config_difference(config, {**config, "seed": 99}) is not None
