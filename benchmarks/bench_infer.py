@@ -38,12 +38,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import backbones  # noqa: E402
+import deploy  # noqa: E402
 import engine  # noqa: E402
 import inference  # noqa: E402
 import pbas  # noqa: E402
 import runner  # noqa: E402
 import utils  # noqa: E402
-from choices import PRECISIONS  # noqa: E402
+from choices import EXPORT_PRECISIONS, PRECISIONS  # noqa: E402
 from common import Embedder  # noqa: E402
 
 METHODS = runner.METHODS
@@ -90,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, centers and images (default: %(default)s)")
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX export and the onnxruntime rows")
+    p.add_argument("--onnx_precisions", nargs="+", default=["fp32", "int8"], choices=list(EXPORT_PRECISIONS),
+                   help="onnxruntime rows: the fp32 export and/or its int8 quantization as export writes it, "
+                        "always on the CPU provider (default: %(default)s)")
+    p.add_argument("--calibration_images", type=int, default=8,
+                   help="int8: random images to calibrate on (the speed does not depend on them; default: %(default)s)")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
     args = p.parse_args(argv)
     if args.method == "pbas" and args.dsc_hidden is None:
@@ -234,20 +240,46 @@ def onnx_session(data: bytes, device: torch.device, imagesize: int):
 
 def onnx_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[Row], str]:
     data = inference.onnx_bytes(build_model(args, "fp32", torch.device("cpu")))
-    session, label, note = onnx_session(data, device, args.imagesize)
-    run_on = device if session.get_providers()[0] == CUDA_PROVIDER else torch.device("cpu")
-    rows = []
-    for batch in args.batch_sizes:
-        images = torch.randn(batch, 3, args.imagesize, args.imagesize, device=run_on)
-        rows.append(Row(label, "fp32", batch, time_calls(ort_call(session, images), args.iters, args.warmup, run_on)))
-        print(f"{label} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
+    rows, note = [], ""
+    if "fp32" in args.onnx_precisions:
+        session, label, note = onnx_session(data, device, args.imagesize)
+        run_on = device if session.get_providers()[0] == CUDA_PROVIDER else torch.device("cpu")
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, args.imagesize, args.imagesize, device=run_on)
+            rows.append(Row(label, "fp32", batch, time_calls(ort_call(session, images), args.iters, args.warmup, run_on)))
+            print(f"{label} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
+    if "int8" in args.onnx_precisions:
+        generator = torch.Generator().manual_seed(args.seed)
+        calibration = torch.randn(args.calibration_images, 3, args.imagesize, args.imagesize, generator=generator)
+        int8 = deploy.quantize_int8(data, calibration.numpy())
+        session, label, _ = onnx_session(int8, torch.device("cpu"), args.imagesize)
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, args.imagesize, args.imagesize)
+            rows.append(Row(label, "int8 (QDQ)", batch, time_calls(ort_call(session, images), args.iters, args.warmup,
+                                                                   torch.device("cpu"))))
+            print(f"{label} int8 batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
     return rows, note
+
+
+def cpu_isa() -> str:
+    """The widest integer-matrix ISA of this CPU (Linux /proc/cpuinfo flags): AMX, AVX-512 VNNI, AVX-VNNI,
+    AVX-512, AVX2, or 'unknown ISA'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown ISA"
+    for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                       ("avx512f", "AVX-512 (no VNNI)"), ("avx2", "AVX2 (no VNNI)")):
+        if flag in flags:
+            return name
+    return "unknown ISA"
 
 
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+        return f"{torch.cuda.get_device_name(device)} (int8 rows: CPU, {cpu_isa()})"
+    return f"CPU ({cpu_isa()}), {torch.get_num_threads()} threads"
 
 
 def markdown(args: argparse.Namespace, device: torch.device, rows: list[Row], note: str) -> str:
