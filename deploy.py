@@ -12,7 +12,7 @@ thresholds, preprocessing, format, precision, what was measured against fp32, th
 ``main.py predict --model`` and ``inference.load_exported`` read it and refuse files without it.
 
 INT8 (``--precision int8``): post-training static quantization (onnxruntime ``quantize_static``, QDQ format,
-per-channel 7-bit-range int8 weights, symmetric int8 activations, MinMax calibration) of the Conv (backbone)
+per-channel 7-bit-range int8 weights, uint8 activations, MinMax calibration) of the Conv (backbone)
 and Gemm (projector, discriminator) nodes but the first and the last. Everything else stays float32, in
 particular the MatMul of CRAS's nearest-center search, the patch aggregation, the sigmoid, the bilinear
 upsampling and the Gaussian smoothing. The file's automatic thresholds are the checkpoint's rule applied to the
@@ -214,10 +214,11 @@ def quantize_int8(data: bytes, images: np.ndarray, exclude: Sequence[str] = ()) 
     stem convolution, which sees the normalised pixels) and the last (the discriminator's output layer, whose
     logit goes straight into the sigmoid), and ``exclude``.
 
-    Activations int8, symmetric (MinMax range); weights int8 per output channel with ``reduce_range`` (7 bits):
-    without VNNI (AVX2, AVX-512 without VNNI) the 8-bit kernels add pairs of products in 16 bits, which
-    saturates with full-range weights, so the file scores the same on every x86 CPU. These choices were the
-    closest to fp32 among those tried on the tests' models (docs/deployment.md).
+    Activations uint8 (asymmetric MinMax range), weights int8 per output channel with ``reduce_range`` (7 bits):
+    onnxruntime runs uint8 x int8 QDQ pairs with its integer kernels (symmetric int8 activations were closer to
+    fp32 but barely faster: docs/deployment.md); without VNNI (AVX2, AVX-512 without VNNI) those kernels add
+    pairs of products in 16 bits, which saturates with full-range weights, so 7-bit weights keep the file's
+    scores the same on every x86 CPU.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -229,9 +230,9 @@ def quantize_int8(data: bytes, images: np.ndarray, exclude: Sequence[str] = ()) 
             f.write(data)
         quantize_static(source, target, _Batches(images), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=sorted({*exclude, nodes[0], nodes[-1]}),
-                        calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": True})
+                        calibrate_method=CalibrationMethod.MinMax)
         with open(target, "rb") as f:
             return f.read()
 
