@@ -298,3 +298,17 @@ def test_checkpoints_record_their_datapath_which_may_move(trained_checkpoint: Pa
     assert config["datapath"] == str(mvtec_root.resolve()) or config["datapath"] == str(mvtec_root)
     assert engine.config_difference(config, {**config, "datapath": "/elsewhere"}) is None
     assert engine.config_difference(config, {**config, "seed": 99}) is not None
+
+
+@pytest.mark.parametrize("glob,model,words", [
+    (("--precision", "bf16"), True, "--precision bf16 applies to --checkpoint"),
+    (("--method", "cras"), True, "is a PBAS model, not CRAS"),
+    ((), False, "give either --checkpoint"),
+])
+def test_predict_model_refuses_what_does_not_apply(exported: Path, mvtec_root: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture, glob, model, words):
+    capsys.readouterr()
+    code = main.cli(["--gpu", "-1", *glob, "predict", *(("--model", str(exported)) if model else ()),
+                     str(mvtec_root / "texture" / "test"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and words in err, err
