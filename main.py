@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+
+if sys.version_info < (3, 10):
+    sys.exit(f"error: this project needs Python 3.10 or newer (this is {sys.version.split()[0]})")
 from typing import TYPE_CHECKING
 
 import click
@@ -65,7 +68,8 @@ def main(**_: object) -> None:
 
     \b
     Commands (each runs alone, except net and dataset, which chain: both in one command line):
-      net ... dataset ...  train and test PBAS or CRAS: network and training options, then the dataset's
+      net ... dataset ...  train and test PBAS or CRAS: `net` takes the network and training options,
+                           `dataset` the data options, NAME and DATAPATH
       predict, export      score images with a trained PBAS/CRAS checkpoint; export it to ONNX
       report               write report.html for a results folder
       panda-train, panda-generate   PANDA: one model per (class, defect); image + mask pairs generated with them
