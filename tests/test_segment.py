@@ -221,6 +221,44 @@ def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pyt
                                                                "--output", str(tmp_path / "x.onnx")])
 
 
+class _RunsCode:
+    """Unpickling this runs code (creates a file): what a tampered weights file could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_default_encoder_weights_come_from_the_hub_cache_only(real_root: Path, easy_root: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default encoder (resnet34) follows the backbones' policy: read from $TORCH_HOME/hub/checkpoints with
+    weights_only, never downloaded; a missing file names its exact path, a file with code in it is refused unrun."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: downloads.append(a))
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    args = ["--gpu", "-1", "--results_path", str(tmp_path / "res"), "segment", "mvtec", str(real_root), "-d",
+            "texture", "--synthetic", str(easy_root), "--imagesize", str(CROP), "--resize", str(CROP)]
+    err = _cli_error(capsys, args)  # no --encoder: the default resnet34
+    assert f"put resnet34-b627a593.pth (from https://download.pytorch.org/models/resnet34-b627a593.pth) at {path}" in err
+    assert downloads == []
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"conv1.weight": _RunsCode(str(marker))}, path)
+    err = _cli_error(capsys, args)
+    assert f"{path} is not a plain weights file (it asks to run code" in err and not marker.exists()
+    assert not (tmp_path / "res" / "models").exists()
+    source = torchvision.models.resnet34(weights=None).state_dict()  # the torchvision file's keys and shapes
+    torch.save(source, path)
+    model = networks.create("unet", "resnet34", "imagenet")
+    assert torch.equal(model.encoder.layer3[5].conv2.weight, source["layer3.5.conv2.weight"])
+
+
 def baseline(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--seed", "3", "synth-baseline", "mvtec", str(data), "-d", "texture", "--output", str(out), "--count", "2",
             *extra]
