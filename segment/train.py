@@ -115,8 +115,8 @@ def fit(model: torch.nn.Module, data: TrainImages, config: SegmentConfig, job_co
     every = log_every(config)
     LOG.info("training %s: steps %d-%d of %d, %d images per step, %d px crops, on %s", job_config.get("class", "?"),
              start + 1, config.steps, config.steps, config.batch_size, config.imagesize, device)
-    # the bar (on a terminal) moves from the first step; tqdm's rate is smoothed over the recent steps, not averaged
-    # since the start, and so is the log line's (the steps since the previous line)
+    # on a terminal a bar moves from the first step (tqdm's rate is smoothed over the recent steps, not averaged since
+    # the start); elsewhere a line every log_every steps with the s/step of the steps since the previous line
     bar = utils.progress(None, f"training {job_config.get('class', '')}", total=config.steps, initial=start)
     window, window_began = [], time.monotonic()
     try:
@@ -137,8 +137,9 @@ def fit(model: torch.nn.Module, data: TrainImages, config: SegmentConfig, job_co
             if done % every == 0 or done == config.steps:
                 now = time.monotonic()
                 history.append({"step": done, "loss": sum(window) / len(window), **parts})
-                LOG.info("step %d/%d: loss %.4f (%.2f s/step over the last %d)", done, config.steps,
-                         history[-1]["loss"], (now - window_began) / len(window), len(window))
+                if bar.disable:  # no bar (not a terminal): a line instead
+                    LOG.info("step %d/%d: loss %.4f (%.2f s/step over the last %d)", done, config.steps,
+                             history[-1]["loss"], (now - window_began) / len(window), len(window))
                 window, window_began = [], now
             if on_step is not None:
                 on_step(done)

@@ -190,8 +190,9 @@ def test_resume_is_exact(real_root: Path, easy_root: Path, tmp_path: Path) -> No
 class _Bar:
     """Records what fit() shows on its progress bar."""
 
-    def __init__(self, total: int, initial: int) -> None:
-        self.total, self.initial, self.updates, self.postfix, self.closed = total, initial, 0, {}, False
+    def __init__(self, total: int, initial: int, disable: bool) -> None:
+        self.total, self.initial, self.disable = total, initial, disable  # disable: not a terminal, no bar
+        self.updates, self.postfix, self.closed = 0, {}, False
 
     def update(self, n: int) -> None:
         self.updates += n
@@ -206,8 +207,9 @@ class _Bar:
 def test_progress_from_the_first_step_at_the_current_rate(real_root: Path, easy_root: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    """A bar over every step from the first, and log lines whose s/step is that of the steps since the previous
-    line (a fake clock: steps of 1, 1, 5, 5 s), not the running average since the start (7 / 3 s at step 3)."""
+    """A bar over every step from the first (on a terminal: no log lines between its updates); without a terminal,
+    log lines whose s/step is that of the steps since the previous line (a fake clock: steps of 1, 1, 5, 5 s), not
+    the running average since the start (7 / 3 s at step 3)."""
     import types
 
     data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
@@ -215,19 +217,29 @@ def test_progress_from_the_first_step_at_the_current_rate(real_root: Path, easy_
     config = train.SegmentConfig(arch="segformer", encoder="efficientnet_lite0", encoder_weights="none",
                                  imagesize=CROP, resize=CROP, steps=4, batch_size=2)
     bars: list[_Bar] = []
-    monkeypatch.setattr(utils, "progress", lambda _it, _desc, total, initial=0: bars.append(_Bar(total, initial))
-                        or bars[-1])
-    clock = iter([0.0, 1.0, 2.0, 7.0, 12.0])  # the start, then the time of each progress line
+    shown = [False, True]  # the first run without a terminal (no bar), the second with one
+
+    def progress(_iterable, _desc: str, total: int, initial: int = 0) -> _Bar:
+        bars.append(_Bar(total, initial, disable=not shown[len(bars)]))
+        return bars[-1]
+
+    monkeypatch.setattr(utils, "progress", progress)
+    clock = iter([0.0, 1.0, 2.0, 7.0, 12.0] + [0.0] * 5)  # the start, then the time of each progress line
     monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     model = torch.nn.Conv2d(3, 1, 1)  # any network of images [B, 3, S, S] -> logits [B, 1, S, S]: a tiny one
-    with caplog.at_level("INFO", logger="pbas"):
-        history = train.fit(model, images, config, {"net": config.to_dict(), "class": "texture"}, 0,
-                            str(tmp_path / "state.pt"), torch.device("cpu"))
-    [bar] = bars
-    assert (bar.total, bar.initial, bar.updates, bar.closed) == (4, 0, 4, True) and "loss" in bar.postfix
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert [line.split("(")[1] for line in lines] == [f"{t:.2f} s/step over the last 1)" for t in (1, 1, 5, 5)]
-    assert [h["step"] for h in history] == [1, 2, 3, 4]  # a line every tenth of a short run, at least every step
+    for run, bar in enumerate(shown):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pbas"):
+            history = train.fit(model, images, config, {"net": config.to_dict(), "class": "texture"}, 0,
+                                str(tmp_path / f"state{run}.pt"), torch.device("cpu"))
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        if bar:  # the bar shows the steps, the loss and the rate: no lines between its updates
+            assert lines == []
+        else:
+            assert [line.split("(")[1] for line in lines] == [f"{t:.2f} s/step over the last 1)" for t in (1, 1, 5, 5)]
+        assert [h["step"] for h in history] == [1, 2, 3, 4]  # a row every tenth of a short run, at least every step
+    for bar in bars:
+        assert (bar.total, bar.initial, bar.updates, bar.closed) == (4, 0, 4, True) and "loss" in bar.postfix
     assert train.log_every(config) == 1 and train.log_every(train.SegmentConfig()) == train.LOG_EVERY
 
 
