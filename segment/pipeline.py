@@ -4,7 +4,7 @@ and write the job folder in the results-folder conventions of PBAS/CRAS:
     RESULTS/models/segment-SOURCE-SPLIT/DATASET_CLASS/seedN/checkpoint.pt   tensors only; while training also the
                                                                           resumable state (complete: False)
     .../metrics.json   the class's row (method "segment", setting "SOURCE:SPLIT"): read into results.csv
-    .../scores.csv, heatmaps/DATASET_CLASS/*.png, loss.csv (training loss every train.LOG_EVERY steps)
+    .../scores.csv, heatmaps/DATASET_CLASS/*.png, loss.csv (training loss every train.log_every steps)
     RESULTS/config.json  the job's configuration and command (under the folder's lock)
 The run machinery (runner.run_segment) then rebuilds results.csv / results_seeds.csv from every metrics.json and
 writes report.html.
