@@ -41,6 +41,8 @@ MORE_COLUMNS = ("pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "image
                 "last_pixel_auroc", "last_pixel_pro", "last_epoch")  # behind the toggle; every column: results.csv
 GROUP_HEAD = ("class", "method", "setting", "seed")
 FIGURE_SIZE = (4.0, 3.4)
+DPI = 90
+GALLERY_TILE = 1.7  # inches per gallery tile: the tiles are resized to GALLERY_TILE * DPI pixels, then drawn 1:1
 JET = ListedColormap(utils.jet(np.linspace(0.0, 1.0, 256)) / 255.0, name="heatmap_jet")  # the heatmaps' colours
 COLOUR_BAR_LABEL = "anomaly score"
 EPOCH_METHODS = ("pbas", "cras")  # selected on the test set, per epoch, as the releases
@@ -122,10 +124,11 @@ def table_order(runs: list[JobRun], per_seed: list[dict], table: list[dict]) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, results: str, name: str) -> str:
-    """Write a figure as PNG under RESULTS/report/; its path relative to RESULTS."""
+def _save(fig: Figure, results: str, name: str, tight: bool = True) -> str:
+    """Write a figure as PNG under RESULTS/report/ (cropped to its content when ``tight``: drawn twice); its path
+    relative to RESULTS."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight" if tight else None)
     relative = os.path.join(IMAGES_DIR, name)
     utils.save_bytes(buf.getvalue(), os.path.join(results, relative))
     return relative
@@ -236,27 +239,30 @@ def pick(scores: list[dict], threshold: float) -> tuple[list[Shown], str]:
 
 
 def gallery_figure(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]], titles: list[str]) -> Figure:
-    """One column per test image (rows: image, ground truth, anomaly map) and the one colour bar of the anomaly
-    maps' scale (the heatmaps' fixed scale, 0 to 1) beside the map row."""
-    n, tile, gap = len(tiles), 1.7, 0.06  # inches
-    left, right, top, bottom = 0.35, 0.9, 0.75, 0.05  # margins: row names, the colour bar, the titles
-    width, height = left + n * tile + (n - 1) * gap + right, top + 3 * tile + 2 * gap + bottom
+    """One column per test image (rows: image, ground truth, anomaly map; tiles [256, 256, 3]) drawn as one mosaic,
+    and the one colour bar of the anomaly maps' scale (the heatmaps' fixed scale, 0 to 1) beside the map row."""
+    n, size, gap = len(tiles), round(GALLERY_TILE * DPI), 6  # pixels of the mosaic, drawn 1:1 at DPI
+    mosaic = np.full((3 * size + 2 * gap, n * size + (n - 1) * gap, 3), 255, np.uint8)
+    for j, column in enumerate(tiles):
+        for i, tile in enumerate(column):
+            small = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
+            mosaic[i * (size + gap):i * (size + gap) + size, j * (size + gap):j * (size + gap) + size] = small
+    left, right, top, bottom = 0.35, 0.95, 0.75, 0.1  # inches: row names, the colour bar, the titles
+    width, height = left + mosaic.shape[1] / DPI + right, top + mosaic.shape[0] / DPI + bottom
     fig = Figure(figsize=(width, height))
-    axes = fig.subplots(3, n, squeeze=False)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
-                        wspace=gap / tile, hspace=gap / tile)
-    for j, (images, title) in enumerate(zip(tiles, titles)):
-        for i, tile in enumerate(images):
-            axes[i][j].imshow(tile)
-            axes[i][j].set_xticks([])
-            axes[i][j].set_yticks([])
-        axes[0][j].set_title(title, fontsize=9)
+    ax = fig.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (top + bottom) / height))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for j, title in enumerate(titles):
+        ax.text(j * (size + gap) + size / 2, -8, title, ha="center", va="bottom", fontsize=9)
     for i, label in enumerate(utils.HEATMAP_LABELS):
-        axes[i][0].set_ylabel(label, fontsize=10)
-    last = axes[2][n - 1]
-    last.apply_aspect()
-    box = last.get_position()
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), JET), cax=fig.add_axes((box.x1 + 0.01, box.y0, 0.012, box.height)))
+        ax.text(-10, i * (size + gap) + size / 2, label, ha="right", va="center", rotation=90, fontsize=10)
+    # the colour bar beside the map row: its top and bottom in figure coordinates
+    box = ax.get_position()
+    y0 = box.y0 + box.height * (1 - (3 * size + 2 * gap) / mosaic.shape[0])
+    y1 = box.y0 + box.height * (1 - (2 * size + 2 * gap) / mosaic.shape[0])
+    cax = fig.add_axes((box.x1 + 0.1 / width, y0, 0.15 / width, y1 - y0))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), JET), cax=cax)
     bar.set_label(COLOUR_BAR_LABEL, fontsize=9)
     bar.ax.tick_params(labelsize=8)
     return fig
@@ -377,7 +383,7 @@ def class_section(results: str, run: JobRun, name: str) -> list[str]:
         return parts + ["<p>No heatmap PNGs of these images in the job folder.</p>"]
     titles = [f"{s.kind}\n{os.path.basename(s.row['heatmap'])}\nscore {float(s.row['image_score']):.4g}"
               for s, _ in readable]
-    figure = _save(gallery_figure([t for _, t in readable], titles), results, f"{stem}_gallery.png")
+    figure = _save(gallery_figure([t for _, t in readable], titles), results, f"{stem}_gallery.png", tight=False)
     parts.append(_img(figure, f"image, ground truth and anomaly map; one colour scale for the class "
                               f"({COLOUR_BAR_LABEL}, 0 to 1)", "gallery"))
     links = ", ".join(f'<a href="{html.escape(os.path.join(run.folder, s.row["heatmap"]))}">'

@@ -284,9 +284,14 @@ def test_gallery_has_one_colour_bar_for_the_class():
     tiles = [(np.zeros((256, 256, 3), np.uint8),) * 3] * 4
     fig = report.gallery_figure(tiles, ["a", "b", "c", "d"])
     bars = [ax for ax in fig.axes if ax.get_ylabel() == report.COLOUR_BAR_LABEL]
-    assert len(bars) == 1 and len(fig.axes) == 3 * 4 + 1
+    assert len(bars) == 1 and len(fig.axes) == 2  # the mosaic of the class's images and the one colour bar
     assert bars[0].get_ylim() == (0.0, 1.0)  # the heatmaps' fixed scale
-    assert [fig.axes[3 * 0].get_ylabel(), fig.axes[4].get_ylabel(), fig.axes[8].get_ylabel()] == list(utils.HEATMAP_LABELS)
+    mosaic = fig.axes[0]
+    texts = [t.get_text() for t in mosaic.texts]
+    assert texts == ["a", "b", "c", "d", *utils.HEATMAP_LABELS]  # a title per image, a name per row
+    # the bar stands beside the map row (the bottom third of the mosaic), not beside the images or masks
+    box, bar = mosaic.get_position(), bars[0].get_position()
+    assert bar.x0 > box.x1 and bar.y0 == pytest.approx(box.y0) and bar.height == pytest.approx(box.height / 3, rel=0.05)
 
 
 def test_heatmap_png_names_its_tiles_and_has_a_colour_bar(tmp_path: Path):
