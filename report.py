@@ -400,8 +400,9 @@ def job_section(results: str, run: JobRun) -> str:
     selected = float(first.get("best_epoch", math.nan)) if run.method in EPOCH_METHODS else None
     fig, note = epoch_figure(run.log, list(run.rows), selected)
     if fig is not None:
-        caption = "training loss per logged step" if note and run.log and "step" in run.log[0] else \
-            "per-epoch training loss and test AUROC"
+        steps = "step" in run.log[0] and "epoch" not in run.log[0]
+        caption = ("training loss per logged step" if steps else
+                   "per-epoch training loss" + ("" if note else " and test AUROC"))
         parts.append(_img(_save(fig, results, f"{run.stem}_epochs.png"), caption))
     if note:
         parts.append(f"<p class=note>{html.escape(note)}</p>")
