@@ -541,7 +541,7 @@ def run(opts: RunOptions) -> list[str]:
         rows.update({label(name, job.seed): row for name, row in job_rows.items()})
         rebuild_results(opts.results_path)
         for name, row in job_rows.items():
-            LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
+            LOG.info("%s: %s", name, ", ".join(f"{k} {row[k]:.4f}" for k in utils.METRIC_COLUMNS))
 
     if len(opts.gpu) > 1 and len(jobs) > 1:
         run_parallel(opts, jobs, report)

@@ -128,6 +128,10 @@ def test_segment_finds_matching_defects(trained: Path) -> None:
     scores = list(csv.DictReader(open(folder / "scores.csv")))
     assert len(scores) == 10 and all((folder / r["heatmap"]).is_file() for r in scores)
     assert (trained / "report.html").is_file() and "pixel_iou" in (trained / "report.html").read_text()
+    # the loss log the report plots: per logged step (every train.LOG_EVERY steps and the last one; 12 steps here)
+    log = list(csv.DictReader(open(folder / "loss.csv")))
+    assert list(log[0]) == ["step", "loss", "focal", "dice"] and [r["step"] for r in log] == ["12"]
+    assert "models_segment-easy-third_mvtec_texture_seed0_epochs.png" in (trained / "report.html").read_text()
 
 
 def test_predict_and_onnx_parity(trained: Path, real_root: Path, tmp_path: Path) -> None:
