@@ -144,6 +144,7 @@ def copy_data(root: Path, tmp_path: Path) -> Path:
     ("no_images", "has no anomalous images"),
     ("mask_size", "is 16x16 (width x height) but its image"),
     ("not_binary", "is not binary"),
+    ("empty_mask", "marks no defect (every pixel is 0)"),
 ])
 def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path: Path, capsys, damage: str,
                                                  message: str):
@@ -156,6 +157,8 @@ def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path
             path.unlink()
     elif damage == "mask_size":
         Image.new("L", (16, 16), 255).save(masks / "001_mask.png")
+    elif damage == "empty_mask":  # a mask of the training third that marks nothing
+        Image.new("L", (SIZE, SIZE), 0).save(masks / "001_mask.png")
     else:
         grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
         grey[:, :8], grey[:, 8:16] = 128, 255  # an anti-aliased or soft mask
@@ -172,6 +175,11 @@ def test_a_jpeg_mask_is_binarised_at_half_range_not_refused(tmp_path: Path):
     assert len(np.unique(np.asarray(Image.open(tmp_path / "m.jpg")))) > 2
     panda_data.check_binary(str(tmp_path / "m.jpg"))
     assert torch.equal(panda_data.load_mask(str(tmp_path / "m.jpg"), SIZE)[0], torch.from_numpy(mask / 255.0).float())
+    faint = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    faint[8:20, 8:20] = 60  # below half range: binarised to nothing
+    Image.fromarray(faint).save(tmp_path / "faint.jpg", quality=95)
+    with pytest.raises(panda_data.DatasetError, match="marks no defect"):
+        panda_data.check_binary(str(tmp_path / "faint.jpg"))
 
 
 def test_unwritable_output_and_results_are_refused_before_any_work(trained: Path, root: Path, ldm: Path, tmp_path: Path,
