@@ -415,7 +415,8 @@ def panda_data_options(command):
 @click.option("--save_every", type=int, default=1500, help="Save checkpoint.pt and weights-STEP.pt every N steps.")
 @click.option("--imagesize", type=int, default=256, help="Images and masks are resized to S x S (latents S/8).")
 @click.option("--init_word", type=str, default="",
-              show_default="the defect name's last word known to the tokenizer (broken_large: large)",
+              show_default="MVTec AD: the public script's word (damaged_case: damage); else the defect name's last "
+                           "word known to the tokenizer (broken_large: large)",
               help="Word whose embedding initialises the 4 vectors of '*'.")
 @click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
               help="third: the first third of each defect's anomalies (by name) trains PANDA and gives the masks of "

@@ -49,6 +49,33 @@ MVTEC_DEFECTS: dict[str, tuple[str, ...]] = {
                "squeezed_teeth"),
 }
 BTAD_CLASSES = ("01", "02", "03")
+# The init word of each defect type in the public training script (train-MVTEC.sh, 67 lines; PANDA_SPEC appendix):
+# the word whose embedding the textual-inversion vectors start from. Pill has only pill_type there; its six
+# other types, and every type of another dataset, take the rule of panda.train.resolve_init_word.
+MVTEC_INIT_WORDS: dict[str, dict[str, str]] = {
+    "bottle": {"broken_large": "large", "broken_small": "small", "contamination": "contamination"},
+    "cable": {"bent_wire": "wire", "cable_swap": "swap", "combined": "combined", "cut_inner_insulation": "cut",
+              "cut_outer_insulation": "cut", "missing_cable": "miss", "missing_wire": "miss",
+              "poke_insulation": "poke"},
+    "capsule": {"crack": "crack", "faulty_imprint": "imprint", "poke": "poke", "scratch": "scratch",
+                "squeeze": "squeeze"},
+    "carpet": {"color": "color", "thread": "thread", "hole": "hole", "cut": "cut",
+               "metal_contamination": "contamination"},
+    "grid": {"broken": "grid", "glue": "glue", "bent": "bent", "thread": "thread",
+             "metal_contamination": "contamination"},
+    "hazelnut": {"crack": "crack", "cut": "cut", "hole": "hole", "print": "print"},
+    "leather": {"color": "color", "cut": "cut", "fold": "fold", "glue": "glue", "poke": "poke"},
+    "metal_nut": {"color": "color", "bent": "bent", "flip": "flip", "scratch": "scratch"},
+    "pill": {"pill_type": "pill"},
+    "screw": {"manipulated_front": "front", "scratch_head": "head", "scratch_neck": "neck", "thread_side": "side",
+              "thread_top": "top"},
+    "tile": {"crack": "crack", "glue_strip": "strip", "gray_stroke": "gray", "oil": "oil", "rough": "rough"},
+    "toothbrush": {"defective": "defective"},
+    "transistor": {"bent_lead": "bent", "cut_lead": "cut", "damaged_case": "damage", "misplaced": "miss"},
+    "wood": {"color": "color", "hole": "hole", "liquid": "liquid", "combined": "combined", "scratch": "scratch"},
+    "zipper": {"rough": "rough", "broken_teeth": "broken", "combined": "combined", "fabric_border": "border",
+               "fabric_interior": "interior", "split_teeth": "split", "squeezed_teeth": "teeth"},
+}
 MASK_THRESHOLD = 0.5  # the public code: mask / 255 after the bicubic resize, >= 0.5 -> 1
 
 

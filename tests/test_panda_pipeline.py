@@ -240,6 +240,30 @@ def test_init_word_from_the_defect_name(ldm: Path):
         word("zzz")
 
 
+def test_init_words_of_mvtec_ad_are_the_public_scripts(ldm: Path, tmp_path: Path):
+    from transformers import BertTokenizer
+
+    from panda.ldm import TINY_VOCAB
+
+    public = sorted({w for table in panda_data.MVTEC_INIT_WORDS.values() for w in table.values()} | {"case", "type"})
+    (tmp_path / "vocab.txt").write_text("\n".join(dict.fromkeys([*TINY_VOCAB, *public])) + "\n")
+    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    word = lambda dataset, cls, defect: train.resolve_init_word(tokenizer, train.TrainConfig(dataset, cls, defect))
+    assert sum(len(table) for table in panda_data.MVTEC_INIT_WORDS.values()) == 67  # the public script's lines
+    expected = {("transistor", "damaged_case"): "damage", ("transistor", "misplaced"): "miss",
+                ("transistor", "bent_lead"): "bent", ("cable", "missing_wire"): "miss",
+                ("cable", "cut_inner_insulation"): "cut", ("cable", "poke_insulation"): "poke",
+                ("tile", "gray_stroke"): "gray", ("zipper", "broken_teeth"): "broken",
+                ("zipper", "split_teeth"): "split", ("grid", "broken"): "grid", ("pill", "pill_type"): "pill",
+                ("bottle", "broken_large"): "large", ("capsule", "faulty_imprint"): "imprint"}
+    assert {key: word("mvtec", *key) for key in expected} == expected  # the defect-name rule gives other words
+    assert word("mvtec", "pill", "crack") == "crack"  # no public word: the rule
+    assert word("folder", "transistor", "damaged_case") == "case"  # another dataset: the rule
+    tiny = BertTokenizer.from_pretrained(str(ldm / "tokenizer"), local_files_only=True)  # no 'miss' in it
+    with pytest.raises(main.UserError, match="public init word 'miss' of cable/missing_wire is not one token"):
+        train.resolve_init_word(tiny, train.TrainConfig("mvtec", "cable", "missing_wire"))
+
+
 def test_defect_tables_and_batch_order():
     assert sum(len(d) for d in panda_data.MVTEC_DEFECTS.values()) == 73 and len(panda_data.MVTEC_DEFECTS["pill"]) == 7
     n, batch = 3, 8
