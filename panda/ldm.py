@@ -22,6 +22,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from safetensors import SafetensorError
 from transformers import BertTokenizer
 
+from panda.diffusion import VAE_FACTOR
 from panda.embedding import MAX_LENGTH, PLACEHOLDER
 from utils import UserError
 
@@ -207,8 +208,13 @@ def _load(path: str, part: str, load) -> object:
 
 
 def _check_compatible(path: str, ldm: LDM) -> None:
-    """The parts fit together: latent channels, cross-attention width, context length, vocabulary, '*' token."""
+    """The parts fit together: the VAE's factor, latent channels, cross-attention width, context length,
+    vocabulary, '*' token."""
     unet, vae, bert = ldm.unet.config, ldm.vae.config, ldm.bert.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    if factor != VAE_FACTOR:
+        raise UserError(f"--ldm {path}: vqvae/ downsamples by {factor}, PANDA's latents (and latent masks) are "
+                        f"S/{VAE_FACTOR}")
     if not unet.in_channels == unet.out_channels == vae.latent_channels:
         raise UserError(f"--ldm {path}: unet/ has {unet.in_channels} in / {unet.out_channels} out channels but "
                         f"vqvae/ makes {vae.latent_channels}-channel latents")

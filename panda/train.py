@@ -33,6 +33,7 @@ from choices import PRECISIONS
 from datasets.split import ANOMALY_SPLITS
 from panda.data import (MVTEC_INIT_WORDS, DefectData, collect, default_classes, defect_types, load_images,
                         load_masks)
+from panda.diffusion import VAE_FACTOR
 from panda.noise import GeneratorNoise
 from utils import UserError
 
@@ -70,8 +71,8 @@ class TrainConfig:
         for name in ("imagesize", "batch_size", "steps", "save_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.imagesize % 8:
-            raise UserError(f"--imagesize must be a multiple of 8 (the VAE's factor), got {self.imagesize}")
+        if self.imagesize % VAE_FACTOR:
+            raise UserError(f"--imagesize must be a multiple of {VAE_FACTOR} (the VAE's factor), got {self.imagesize}")
         if not self.lr > 0 or not self.weight_decay >= 0:
             raise UserError(f"--lr must be positive and --weight_decay non-negative, got {self.lr}, "
                             f"{self.weight_decay}")

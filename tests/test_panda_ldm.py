@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from transformers import BertTokenizer
 
@@ -141,12 +142,20 @@ def test_a_git_lfs_pointer_is_named(tiny: Path, tmp_path: Path):
         load_ldm(str(folder), "cpu")
 
 
-def test_only_the_unused_language_model_head_may_be_missing(tiny: Path, tmp_path: Path):
+def test_only_the_unused_head_may_be_missing_and_the_parts_must_fit(tiny: Path, tmp_path: Path):
     folder = Path(shutil.copytree(tiny, tmp_path / "ldm"))
     state = load_file(weights(folder, "bert"))
     save_file({k: v for k, v in state.items() if not k.startswith("to_logits.")}, weights(folder, "bert"),
               metadata={"format": "pt"})
     assert isinstance(load_ldm(str(folder), "cpu").bert, LDMBertModel)  # the text encoder never uses to_logits
+    shutil.rmtree(folder / "vqvae")  # an f4 autoencoder: latents of another size than generation plans for
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                  block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3).save_pretrained(folder / "vqvae")
+    with pytest.raises(UserError, match="vqvae/ downsamples by 4, PANDA's latents .and latent masks. are S/8"):
+        load_ldm(str(folder), "cpu")
+    shutil.rmtree(folder / "vqvae")
+    shutil.copytree(tiny / "vqvae", folder / "vqvae")
     save_file({k: v for k, v in state.items() if k != "model.embed_positions.weight"}, weights(folder, "bert"),
               metadata={"format": "pt"})
     with pytest.raises(UserError, match="model.safetensors lacks 1 of the model's tensors "

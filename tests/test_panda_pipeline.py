@@ -342,3 +342,52 @@ def test_segment_refuses_pairs_of_another_anomaly_split(trained: Path, root: Pat
     path.write_text(json.dumps(record))
     assert "does not record the anomaly split" in one_line_error(capsys, segment(tmp_path / "res", root, out, "third"))
     assert not (tmp_path / "res" / "models").exists()
+
+
+def thin_mask(path: Path, row: int = 10) -> None:
+    """A 1 px line: it vanishes in the 4 x 4 latent mask of a 32 px image (latent_mask samples rows 3.5 + 8k)."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[row, :] = 255
+    Image.fromarray(mask).save(path)
+
+
+def test_masks_empty_in_the_latent_mask_are_redrawn_unless_kept(tmp_path: Path):
+    wide = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    wide[8:24, 8:24] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    thin_mask(tmp_path / "thin.png")
+    samples = [panda_data.Sample("x.png", str(tmp_path / name), 1, DEFECT) for name in ("wide.png", "thin.png")]
+    data = panda_data.DefectData("mvtec", CLASS, DEFECT, ["n0.png", "n1.png"], samples, 0)
+    options = lambda policy: generate.GenerateOptions(40, 2, 7, "c.pt", 4, "third", 2, policy)
+    assert generate.visible_in_latent(panda_data.load_masks(data.masks, SIZE), SIZE).tolist() == [True, False]
+    kept, redrawn = generate.plan_pairs(data, SIZE, options("keep")), generate.plan_pairs(data, SIZE, options("redraw"))
+    public = generate.selection(7, 40, 2, 2)[1]
+    assert np.array_equal(kept.masks, public) and kept.redraws == 0  # keep: the public draws
+    assert kept.unseen == int((public == 1).sum()) > 0 and kept.empty == redrawn.empty == ("thin.png",)
+    assert (redrawn.masks == 0).all() and redrawn.unseen == 0  # only the mask the sampler sees
+    assert redrawn.redraws >= kept.unseen and np.array_equal(redrawn.images, kept.images)
+    thin_mask(tmp_path / "wide.png", row=2)
+    with pytest.raises(main.UserError, match="every mask of texture.scratch .2. vanishes in the 4x4 latent mask.*"
+                                             "--empty_latent_masks keep"):
+        generate.plan_pairs(data, SIZE, options("redraw"))
+    assert generate.plan_pairs(data, SIZE, options("keep")).unseen == 40
+
+
+def test_generate_records_redraws_and_writes_only_masks_the_sampler_saw(trained: Path, root: Path, ldm: Path,
+                                                                          tmp_path: Path):
+    data = copy_data(root, tmp_path)
+    thin_mask(data / CLASS / "ground_truth" / DEFECT / "001_mask.png")  # one of the two training masks
+    records = {}
+    for policy in ("redraw", "keep"):
+        out = tmp_path / policy
+        assert cli(trained, ldm, data, "--output", str(out), "--pairs", "2", *FAST, "--empty_latent_masks", policy,
+                   command="panda-generate") == 0
+        records[policy] = json.loads((out / CLASS / f"panda-{DEFECT}.json").read_text())
+        written = panda_data.load_masks(sorted(str(p) for p in (out / CLASS / "ground_truth" / DEFECT).iterdir()), SIZE)
+        seen = generate.visible_in_latent(written, SIZE)
+        assert seen.all() if policy == "redraw" else not seen.all()
+    redraw, keep = records["redraw"], records["keep"]
+    assert redraw["empty_latent_masks"] == "redraw" and keep["empty_latent_masks"] == "keep"
+    assert redraw["empty_latent_mask_files"] == keep["empty_latent_mask_files"] == ["001_mask.png"]
+    assert redraw["mask_redraws"] >= keep["pairs_with_empty_latent_mask"] == 2  # seed 3407 draws the thin one twice
+    assert redraw["pairs_with_empty_latent_mask"] == keep["mask_redraws"] == 0
