@@ -9,7 +9,9 @@ other format. A weights file must cover its model (a missing tensor would stay r
 line. ``write_tiny_ldm`` writes a tiny random LDM."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -49,6 +51,9 @@ UNUSED = {"bert": ("to_logits.",)}
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, json.JSONDecodeError,
                pickle.UnpicklingError, SafetensorError)
 LFS_POINTER = b"version https://git-lfs"
+# the loggers whose multi-line reports of missing / unexpected tensors _check_keys replaces with one line each
+KEY_REPORT_LOGGERS = ("transformers.modeling_utils", "diffusers.models.modeling_utils")
+LOG = logging.getLogger("pbas")
 LOCAL = {"local_files_only": True, "low_cpu_mem_usage": False}  # diffusers: never download; no accelerate needed
 TINY_VOCAB = (
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", PLACEHOLDER, "anomaly", "a", "good", "defect", "broken", "large",
@@ -135,9 +140,33 @@ def _check_lfs(folder: str, name: str) -> None:
                             "run 'git lfs pull' in it)")
 
 
-def _check_keys(info: dict, name: str, part: str) -> None:
+def _not_key_report(record: logging.LogRecord) -> bool:
+    """A logging filter: False for a library's report of missing / unexpected tensors (transformers' "LOAD
+    REPORT" table, diffusers' "Some weights of ... were not initialized / not used" lists)."""
+    message = record.getMessage()
+    return not ("LOAD REPORT" in message or message.startswith("Some weights of"))
+
+
+@contextlib.contextmanager
+def _own_key_reports():
+    """While a part loads, the libraries' own reports of missing and unexpected tensors (a line per key) are not
+    printed: _check_keys refuses the first and warns of the second in one line. A filter on the two loggers that
+    write them, for the call only, dropping only those reports (their levels stay: transformers checks more when
+    its level is raised)."""
+    loggers = [logging.getLogger(name) for name in KEY_REPORT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_key_report)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_key_report)
+
+
+def _check_keys(info: dict, name: str, part: str, path: str) -> None:
     """PartError when the weights file lacks tensors of the model (they would be random: weights of another
-    architecture or an incomplete file) or holds tensors of other shapes."""
+    architecture or an incomplete file) or holds tensors of other shapes; a warning for tensors the model does
+    not use."""
     missing = [key for key in info.get("missing_keys", ()) if not key.startswith(UNUSED.get(part, ()))]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing:
@@ -146,9 +175,13 @@ def _check_keys(info: dict, name: str, part: str) -> None:
     if mismatched:
         raise PartError(f"{name} holds {len(mismatched)} tensors of other shapes than config.json says "
                         f"(e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]})")
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if unexpected:
+        LOG.warning("--ldm %s: %s/%s holds %d tensors the model does not use (e.g. %s); they are ignored", path, part,
+                    name, len(unexpected), unexpected[0])
 
 
-def _load_model(folder: str, part: str, cls) -> object:
+def _load_model(folder: str, part: str, cls, path: str) -> object:
     """A model part (unet, vqvae, bert) from its folder: the config names ``cls``, the weights are read as
     tensors only (use_safetensors as on disk, so the libraries try no other format) and cover the model."""
     found = _config_class(folder, part)
@@ -158,10 +191,11 @@ def _load_model(folder: str, part: str, cls) -> object:
     _check_lfs(folder, name)
     options = LOCAL if part != "bert" else {"local_files_only": True}
     try:
-        model, info = cls.from_pretrained(folder, use_safetensors=safetensors, output_loading_info=True, **options)
+        with _own_key_reports():
+            model, info = cls.from_pretrained(folder, use_safetensors=safetensors, output_loading_info=True, **options)
     except LOAD_ERRORS as error:
         raise PartError(_reason(error, name)) from None
-    _check_keys(info, name, part)
+    _check_keys(info, name, part, path)
     return model
 
 
@@ -236,9 +270,9 @@ def load_ldm(path: str, device: torch.device | str) -> LDM:
     if not os.path.isdir(path):
         raise UserError(f"--ldm {path}: no such folder (the LDM in {LDM_SOURCE}; README says how to get it)")
     ldm = LDM(
-        unet=_load(path, "unet", lambda f: _load_model(f, "unet", UNet2DConditionModel)),
-        vae=_load(path, "vqvae", lambda f: _load_model(f, "vqvae", AutoencoderKL)),
-        bert=_load(path, "bert", lambda f: _load_model(f, "bert", LDMBertModel)),
+        unet=_load(path, "unet", lambda f: _load_model(f, "unet", UNet2DConditionModel, path)),
+        vae=_load(path, "vqvae", lambda f: _load_model(f, "vqvae", AutoencoderKL, path)),
+        bert=_load(path, "bert", lambda f: _load_model(f, "bert", LDMBertModel, path)),
         tokenizer=_load(path, "tokenizer", _load_tokenizer),
     )
     _check_compatible(path, ldm)

@@ -4,6 +4,7 @@ tokenizer the pinned transformers writes and the real folder's layout (pickled .
 the latter without the libraries' "unsafe serialization" lines."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,31 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+class Records(logging.Handler):
+    """Collects the messages of the loggers it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def recorded(*names: str):
+    """The messages logged to the loggers ``names`` (and their children) inside the block."""
+    records = Records()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        yield records.messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
 
 
 def weights(folder: Path, part: str) -> Path:
@@ -200,29 +226,11 @@ def real_layout(tiny: Path, folder: Path) -> Path:
     return folder
 
 
-class Records(logging.Handler):
-    """Collects the messages of the loggers it is added to."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_the_real_folder_layout_loads_without_unsafe_serialization_lines(tiny: Path, tmp_path: Path):
     folder = real_layout(tiny, tmp_path / "ldm")
-    records = Records()
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]  # the libraries' own loggers
-    for logger in loggers:
-        logger.addHandler(records)
-    try:
+    with recorded("diffusers", "transformers") as messages:  # the libraries' own loggers
         ldm = load_ldm(str(folder), "cpu")
-    finally:
-        for logger in loggers:
-            logger.removeHandler(records)
-    said = "\n".join(records.messages)
+    said = "\n".join(messages)
     assert "unsafe serialization" not in said and "An error occurred" not in said, said
     reference = load_ldm(str(tiny), "cpu")
     for ours, theirs in ((ldm.unet, reference.unet), (ldm.vae, reference.vae), (ldm.bert, reference.bert)):
@@ -230,3 +238,17 @@ def test_the_real_folder_layout_loads_without_unsafe_serialization_lines(tiny: P
             assert torch.equal(a, b), name
     prompt = "a photo of a * anomaly"
     assert ldm.tokenizer(prompt).input_ids == reference.tokenizer(prompt).input_ids
+
+
+def test_the_libraries_key_tables_become_one_line(tiny: Path, tmp_path: Path):
+    folder = Path(shutil.copytree(tiny, tmp_path / "ldm"))
+    shutil.copy(weights(folder, "unet"), weights(folder, "bert"))  # a UNet's tensors under bert/
+    with recorded("diffusers", "transformers") as messages, pytest.raises(UserError, match="lacks 17 of"):
+        load_ldm(str(folder), "cpu")
+    assert messages == []  # no LOAD REPORT table of every key before the one-line error
+    state = load_file(weights(tiny, "bert"))
+    save_file({**state, "extra.weight": torch.zeros(2)}, weights(folder, "bert"), metadata={"format": "pt"})
+    with recorded("diffusers", "transformers", "pbas") as messages:
+        load_ldm(str(folder), "cpu")
+    assert len(messages) == 1 and "bert/model.safetensors holds 1 tensors the model does not use (e.g. extra.weight)" \
+        in messages[0]
