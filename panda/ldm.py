@@ -47,7 +47,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # tensors a part may lack: LDMBertModel's language-model head, which its forward (the text encoder) never uses
 UNUSED = {"bert": ("to_logits.",)}
 # what loading a broken part raises (missing/corrupt weight files, shape mismatches, bad JSON); the tokenizers
-# library raises plain Exception for a malformed file (only that exact type is caught, see _load)
+# library raises plain Exception for a malformed file (only that exact type is caught, see _load_tokenizer)
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, json.JSONDecodeError,
                pickle.UnpicklingError, SafetensorError)
 LFS_POINTER = b"version https://git-lfs"
