@@ -7,3 +7,5 @@ CACHE_MODES = ("auto", "device", "host", "off")  # --cache: the feature cache of
 BACKBONE_NAMES = ("wideresnet50", "wideresnet101", "resnet18", "resnet50", "efficientnet_lite0")  # backbones.BACKBONES
 ANOMALY_SPLITS = ("third", "all")  # real anomalies held out for the synthesis (datasets/split.py)
 PANDA_DATASETS = ("mvtec", "btad", "folder")  # the datasets PANDA reads (panda/data.py)
+# panda-generate --empty_latent_masks: a drawn mask that vanishes in the latent mask is redrawn, or kept (public)
+EMPTY_LATENT_MASKS = ("redraw", "keep")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 import runstate
-from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, PANDA_DATASETS, PRECISIONS
+from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, EMPTY_LATENT_MASKS, PANDA_DATASETS, PRECISIONS
 from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
 from errors import UserError
 from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
@@ -419,7 +419,8 @@ def panda_data_options(command):
 @click.option("--save_every", type=int, default=1500, help="Save checkpoint.pt and weights-STEP.pt every N steps.")
 @click.option("--imagesize", type=int, default=256, help="Images and masks are resized to S x S (latents S/8).")
 @click.option("--init_word", type=str, default="",
-              show_default="the defect name's last word known to the tokenizer (broken_large: large)",
+              show_default="MVTec AD: the public script's word (damaged_case: damage); else the defect name's last "
+                           "word known to the tokenizer (broken_large: large)",
               help="Word whose embedding initialises the 4 vectors of '*'.")
 @click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
               help="third: the first third of each defect's anomalies (by name) trains PANDA and gives the masks of "
@@ -456,9 +457,12 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
               help="1000: the public code's ancestral sampler. Fewer (2-999): a respaced chain of that many steps "
                    "(faster previews and tests; not the public sampler, the anomaly-only windows map to the "
                    "original timesteps).")
+@click.option("--empty_latent_masks", type=click.Choice(EMPTY_LATENT_MASKS), default="redraw",
+              help="A drawn mask with no pixel left in the S/8 x S/8 latent mask the sampler edits (a thin or small "
+                   "defect): redraw another (the pair would show no defect); keep: write it (the public code).")
 def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...], defects: tuple[str, ...], ldm: str,
                            output: str | None, pairs: int, batch_size: int, checkpoint: str | None,
-                           step: int | None, sampler_steps: int) -> tuple[str, object]:
+                           step: int | None, sampler_steps: int, empty_latent_masks: str) -> tuple[str, object]:
     """PANDA: generate image + mask pairs per (class, defect) with trained models (1000-step sampler).
 
     Each pair: a random normal training image and a random mask of the defect's training third (seeded by
@@ -471,7 +475,7 @@ def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...
         import runner
 
         return runner.panda_generate(g, option_given("seed"), data_path, dataset, classes, defects, ldm, output, pairs,
-                                     batch_size, checkpoint, step, sampler_steps)
+                                     batch_size, checkpoint, step, sampler_steps, empty_latent_masks)
 
     return "panda-generate", run_tool
 

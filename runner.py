@@ -668,7 +668,7 @@ def panda_train(g: dict, seed_given: bool, data_path: str, dataset: str, classes
 
 def panda_generate(g: dict, seed_given: bool, data_path: str, dataset: str, classes: tuple[str, ...],
                    defects: tuple[str, ...], ldm: str, output: str | None, pairs: int, batch_size: int,
-                   checkpoint: str | None, step: int | None, sampler_steps: int) -> int:
+                   checkpoint: str | None, step: int | None, sampler_steps: int, empty_latent_masks: str = "redraw") -> int:
     """``panda-generate``: image + mask pairs per (class, defect) with trained PANDA models."""
     from panda import data, generate
 
@@ -677,5 +677,5 @@ def panda_generate(g: dict, seed_given: bool, data_path: str, dataset: str, clas
     jobs = [(c, d) for c in names for d in (defects or data.defect_types(dataset, data_path, c))]
     out = output or os.path.join(g["results_path"], "synthetic", "panda")
     generate.run_generation(dataset, data_path, jobs, checkpoint, step, g["results_path"], out, pairs, batch_size,
-                            seed, ldm, g["precision"], device, sampler_steps)
+                            seed, ldm, g["precision"], device, sampler_steps, empty_latent_masks)
     return 0
