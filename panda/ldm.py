@@ -268,7 +268,7 @@ def load_ldm(path: str, device: torch.device | str) -> LDM:
     """Read the four parts from ``path`` (never downloading), check they fit, move them to ``device``, frozen
     (eval, requires_grad False). Anything missing or of the wrong architecture: one-line UserError."""
     if not os.path.isdir(path):
-        raise UserError(f"--ldm {path}: no such folder (the LDM in {LDM_SOURCE}; README says how to get it)")
+        raise UserError(f"--ldm {path}: no such folder (the LDM in {LDM_SOURCE}; docs/panda.md says how to get it)")
     ldm = LDM(
         unet=_load(path, "unet", lambda f: _load_model(f, "unet", UNet2DConditionModel, path)),
         vae=_load(path, "vqvae", lambda f: _load_model(f, "vqvae", AutoencoderKL, path)),
