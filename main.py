@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import sys
+
+if sys.version_info < (3, 10):
+    sys.exit(f"error: this project needs Python 3.10 or newer (this is {sys.version.split()[0]})")
 from typing import TYPE_CHECKING
 
 import click
 
 import runstate
-from choices import (ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, EXPORT_CALIBRATION_SIZE, EXPORT_FORMATS, EXPORT_MAX_DROP,
-                     EXPORT_PRECISIONS, PANDA_DATASETS, PRECISIONS)
+from choices import (ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, EMPTY_LATENT_MASKS, EXPORT_CALIBRATION_SIZE,
+                     EXPORT_FORMATS, EXPORT_MAX_DROP, EXPORT_PRECISIONS, PANDA_DATASETS, PRECISIONS)
 from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
 from errors import UserError
 from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
@@ -66,7 +69,8 @@ def main(**_: object) -> None:
 
     \b
     Commands (each runs alone, except net and dataset, which chain: both in one command line):
-      net ... dataset ...  train and test PBAS or CRAS: network and training options, then the dataset's
+      net ... dataset ...  train and test PBAS or CRAS: `net` takes the network and training options,
+                           `dataset` the data options, NAME and DATAPATH
       predict, export      score images with a trained PBAS/CRAS checkpoint; export it to ONNX
       report               write report.html for a results folder
       panda-train, panda-generate   PANDA: one model per (class, defect); image + mask pairs generated with them
@@ -208,20 +212,16 @@ def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str 
     jet colours over the image) and NAME_mask.png (0/255); NAME is the path relative to the given folder with
     '/' -> '__' and '.ext' -> '_ext'. Pixels outside the center crop: score 0, mask 0, no colour. Uses the global
     --gpu (first id) and --precision (--checkpoint only). Exit code 0: all scored; 1: unreadable files were
-    skipped (reported on stderr), the rest written; 2: bad arguments, checkpoint or model file.
-
-    \b
-    Default thresholds (auto), from the normal training images, no labelled defects needed:
-      image: max normal training image score; pixel: 0.999 quantile of their anomaly-map pixels.
+    skipped (reported on stderr), the rest written; 2: bad arguments, checkpoint or model file. Default thresholds
+    (auto), from the normal training images: image: their max score; pixel: 0.999 quantile of their map pixels.
     """
     import inference
 
     def run_tool(g: dict) -> int:
         opts = inference.PredictOptions(
-            checkpoint=checkpoint, model=model, inputs=list(images), output=output,
-            threshold=inference.parse_threshold(threshold, "--threshold"),
-            pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"),
-            batch_size=batch_size, gpu=g["gpu"][0] if g["gpu"] else None, precision=g["precision"])
+            checkpoint=checkpoint, model=model, inputs=list(images), output=output, batch_size=batch_size,
+            threshold=inference.parse_threshold(threshold, "--threshold"), precision=g["precision"],
+            pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"), gpu=g["gpu"][0] if g["gpu"] else None)
         return inference.predict(opts, checkpoint_method(g))
 
     return "predict", run_tool
@@ -240,15 +240,12 @@ def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str 
 @click.option("--max_drop", type=float, show_default=f"{EXPORT_MAX_DROP} with --validation",
               help="int8: largest image/pixel AUROC drop (points); layers fall back to fp32 until it holds, else nothing is written.")
 @click.pass_context
-def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int | None, export_format: str,
-                   **int8: object) -> tuple[str, object]:
-    """Export the whole inference graph of a checkpoint to ONNX (CPU), with metadata for predict --model: input
-    'images' [B, 3, S, S] float32 normalised as in training; outputs 'image_scores' [B], 'anomaly_maps' [B, S, S],
-    'classes' [B]. The fp32 graph differing from PyTorch by more than 1e-4 is not written (exit code 1)."""
+def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int | None, export_format: str, **int8: object) -> tuple[str, object]:
+    """The whole inference graph of a checkpoint as ONNX with metadata for predict --model: 'images' [B, 3, S, S] ->
+    'image_scores' [B], 'anomaly_maps' [B, S, S], 'classes' [B]; an fp32 graph off PyTorch by > 1e-4: exit code 1."""
     import deploy
 
-    opts = deploy.ExportOptions(checkpoint, output, opset, export_format, **int8)
-    given = frozenset(given_options(ctx, int8))
+    opts, given = deploy.ExportOptions(checkpoint, output, opset, export_format, **int8), frozenset(given_options(ctx, int8))
     return "export", lambda g: deploy.export(opts, checkpoint_method(g), given)
 
 
@@ -422,7 +419,8 @@ def panda_data_options(command):
 @click.option("--save_every", type=int, default=1500, help="Save checkpoint.pt and weights-STEP.pt every N steps.")
 @click.option("--imagesize", type=int, default=256, help="Images and masks are resized to S x S (latents S/8).")
 @click.option("--init_word", type=str, default="",
-              show_default="the defect name's last word known to the tokenizer (broken_large: large)",
+              show_default="MVTec AD: the public script's word (damaged_case: damage); else the defect name's last "
+                           "word known to the tokenizer (broken_large: large)",
               help="Word whose embedding initialises the 4 vectors of '*'.")
 @click.option("--anomaly_split", type=click.Choice(ANOMALY_SPLITS), default="third",
               help="third: the first third of each defect's anomalies (by name) trains PANDA and gives the masks of "
@@ -459,9 +457,12 @@ def panda_train_command(data_path: str, dataset: str, classes: tuple[str, ...], 
               help="1000: the public code's ancestral sampler. Fewer (2-999): a respaced chain of that many steps "
                    "(faster previews and tests; not the public sampler, the anomaly-only windows map to the "
                    "original timesteps).")
+@click.option("--empty_latent_masks", type=click.Choice(EMPTY_LATENT_MASKS), default="redraw",
+              help="A drawn mask with no pixel left in the S/8 x S/8 latent mask the sampler edits (a thin or small "
+                   "defect): redraw another (the pair would show no defect); keep: write it (the public code).")
 def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...], defects: tuple[str, ...], ldm: str,
                            output: str | None, pairs: int, batch_size: int, checkpoint: str | None,
-                           step: int | None, sampler_steps: int) -> tuple[str, object]:
+                           step: int | None, sampler_steps: int, empty_latent_masks: str) -> tuple[str, object]:
     """PANDA: generate image + mask pairs per (class, defect) with trained models (1000-step sampler).
 
     Each pair: a random normal training image and a random mask of the defect's training third (seeded by
@@ -474,7 +475,7 @@ def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...
         import runner
 
         return runner.panda_generate(g, option_given("seed"), data_path, dataset, classes, defects, ldm, output, pairs,
-                                     batch_size, checkpoint, step, sampler_steps)
+                                     batch_size, checkpoint, step, sampler_steps, empty_latent_masks)
 
     return "panda-generate", run_tool
 

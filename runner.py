@@ -542,7 +542,7 @@ def run(opts: RunOptions) -> list[str]:
         rows.update({label(name, job.seed): row for name, row in job_rows.items()})
         rebuild_results(opts.results_path)
         for name, row in job_rows.items():
-            LOG.info("%s: %s", name, ", ".join(f"{k} {100 * row[k]:.2f}" for k in utils.METRIC_COLUMNS))
+            LOG.info("%s: %s", name, ", ".join(f"{k} {row[k]:.4f}" for k in utils.METRIC_COLUMNS))
 
     if len(opts.gpu) > 1 and len(jobs) > 1:
         run_parallel(opts, jobs, report)
@@ -669,7 +669,7 @@ def panda_train(g: dict, seed_given: bool, data_path: str, dataset: str, classes
 
 def panda_generate(g: dict, seed_given: bool, data_path: str, dataset: str, classes: tuple[str, ...],
                    defects: tuple[str, ...], ldm: str, output: str | None, pairs: int, batch_size: int,
-                   checkpoint: str | None, step: int | None, sampler_steps: int) -> int:
+                   checkpoint: str | None, step: int | None, sampler_steps: int, empty_latent_masks: str = "redraw") -> int:
     """``panda-generate``: image + mask pairs per (class, defect) with trained PANDA models."""
     from panda import data, generate
 
@@ -678,5 +678,5 @@ def panda_generate(g: dict, seed_given: bool, data_path: str, dataset: str, clas
     jobs = [(c, d) for c in names for d in (defects or data.defect_types(dataset, data_path, c))]
     out = output or os.path.join(g["results_path"], "synthetic", "panda")
     generate.run_generation(dataset, data_path, jobs, checkpoint, step, g["results_path"], out, pairs, batch_size,
-                            seed, ldm, g["precision"], device, sampler_steps)
+                            seed, ldm, g["precision"], device, sampler_steps, empty_latent_masks)
     return 0

@@ -14,11 +14,12 @@ import random
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, split_job_name
@@ -33,7 +34,12 @@ CHECKPOINT_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, Attribute
                           pickle.UnpicklingError, OverflowError, MemoryError)
 
 LOCK_NAME = ".lock"
-HEATMAP_PANEL = 256  # each panel of a heatmap PNG is 256 x 256: [image | ground truth | scores] = 768 x 256
+HEATMAP_PANEL = 256  # each tile of a heatmap PNG is 256 x 256: image | ground truth | anomaly map
+HEATMAP_LABELS = ("image", "ground truth", "anomaly map")  # the tiles, left to right, named in a band above them
+HEATMAP_LABEL_HEIGHT = 24  # the band of tile names above the tiles
+HEATMAP_BAR_WIDTH = 64  # right of the tiles: the colour bar of the anomaly map (scores 0 at the bottom to 1 at the top)
+HEATMAP_SIZE = (3 * HEATMAP_PANEL + HEATMAP_BAR_WIDTH, HEATMAP_LABEL_HEIGHT + HEATMAP_PANEL)  # (width, height): 832 x 280
+LEGACY_HEATMAP_SIZE = (3 * HEATMAP_PANEL, HEATMAP_PANEL)  # earlier versions: the three tiles only, 768 x 256
 METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro")
 RESULT_COLUMNS = (
     *METRIC_COLUMNS, "best_epoch",  # the release's columns, values of the selected (best) epoch
@@ -261,11 +267,57 @@ def _panel(array: np.ndarray) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font, centered: bool) -> None:
+    """Black text centred on ``xy`` (``centered``) or starting at it, vertically centred on it either way (no
+    anchor argument: the bitmap font Pillow falls back to without FreeType has none)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = xy[0] - (left + right) / 2 if centered else xy[0] - left
+    draw.text((x, xy[1] - (top + bottom) / 2), text, fill="black", font=font)
+
+
+@lru_cache(maxsize=1)
+def _heatmap_frame() -> np.ndarray:
+    """The fixed part of every heatmap PNG, uint8 [280, 832, 3]: white, the tile names above the tiles and, right of
+    them, the jet colour bar of the anomaly map with ticks 0, 0.5, 1 (drawn once, then copied)."""
+    width, height = HEATMAP_SIZE
+    frame = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(frame)
+    font = ImageFont.load_default(size=15)
+    for i, label in enumerate(HEATMAP_LABELS):
+        _text(draw, (i * HEATMAP_PANEL + HEATMAP_PANEL // 2, HEATMAP_LABEL_HEIGHT // 2), label, font, True)
+    x0, top, bottom = 3 * HEATMAP_PANEL + 8, HEATMAP_LABEL_HEIGHT + 8, height - 8  # the bar: 16 px wide
+    bar = jet(np.linspace(1.0, 0.0, bottom - top))[:, None, :].repeat(16, axis=1)  # [bottom - top, 16, 3], 1 on top
+    frame.paste(Image.fromarray(bar), (x0, top))
+    draw.rectangle((x0 - 1, top - 1, x0 + 16, bottom), outline="black")
+    for value in (0.0, 0.5, 1.0):
+        y = round(bottom - 1 - value * (bottom - top - 1))
+        draw.line((x0 + 16, y, x0 + 20, y), fill="black")
+        _text(draw, (x0 + 22, y), f"{value:g}", font, False)
+    _text(draw, (x0 + 16, HEATMAP_LABEL_HEIGHT // 2), "score", font, True)
+    return np.asarray(frame)
+
+
 def heatmap_panel(image: torch.Tensor, mask: torch.Tensor, amap: torch.Tensor) -> np.ndarray:
-    """[image | ground truth | jet colour map of the raw scores in [0, 1]] as uint8 [256, 768, 3]."""
+    """A heatmap PNG as uint8 [280, 832, 3]: the tiles image | ground truth | jet colour map of the raw scores
+    (fixed scale: 0 blue to 1 red, clipped), each 256 x 256, named in a band above them, with the colour bar of the
+    scale on the right."""
     gt = (mask.squeeze().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
     scores = jet(amap.cpu().float().numpy())
-    return np.concatenate([_panel(denormalize(image)), _panel(gt), _panel(scores)], axis=1)
+    tiles = np.concatenate([_panel(denormalize(image)), _panel(gt), _panel(scores)], axis=1)  # [256, 768, 3]
+    out = _heatmap_frame().copy()
+    out[HEATMAP_LABEL_HEIGHT:, :3 * HEATMAP_PANEL] = tiles
+    return out
+
+
+def heatmap_tiles(panel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The (image, ground truth, anomaly map) tiles, each [256, 256, 3], of a heatmap PNG read as an RGB array
+    (this version's layout or the earlier 768 x 256 one); None for an image of another size."""
+    size = (panel.shape[1], panel.shape[0])
+    if size not in (HEATMAP_SIZE, LEGACY_HEATMAP_SIZE):
+        return None
+    top = HEATMAP_LABEL_HEIGHT if size == HEATMAP_SIZE else 0
+    image, gt, amap = (panel[top:top + HEATMAP_PANEL, i * HEATMAP_PANEL:(i + 1) * HEATMAP_PANEL] for i in range(3))
+    return image, gt, amap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +355,7 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
 
 SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou",
                 *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro", "last_pixel_aupro_05")
-SEED_GROUP_COLUMNS = ("method", "setting", "seeds")
+SEED_GROUP_COLUMNS = ("method", "setting", "seed")  # seed: the seeds of the row, space-separated ("0", "0 1 2")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -353,15 +405,15 @@ def locked(folder: str) -> Iterator[None]:
 
 
 def results_table(rows: Sequence[tuple[str, dict]], columns: Iterable[str] = METRIC_COLUMNS) -> str:
-    """A console table in percent, as the release prints it."""
+    """A console table of fractions in [0, 1] (as results.csv; the releases print percent), four decimals."""
     columns = list(columns)
     width = max([len("Mean")] + [len(n) for n, _ in rows]) + 2
     lines = ["".ljust(width) + "".join(c.rjust(13) for c in columns)]
     for name, values in rows:
-        lines.append(name.ljust(width) + "".join(f"{100 * values[c]:13.2f}" for c in columns))
+        lines.append(name.ljust(width) + "".join(f"{values[c]:13.4f}" for c in columns))
     if rows:
         means = [float(np.mean([v[c] for _, v in rows])) for c in columns]
-        lines.append("Mean".ljust(width) + "".join(f"{100 * m:13.2f}" for m in means))
+        lines.append("Mean".ljust(width) + "".join(f"{m:13.4f}" for m in means))
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ CPU-drawn and device-drawn noise, and each target with pass/fail:
   inference >= 1000 images/s at batch 32 and <= 10 ms for one image; largest VisA class <= 20 GB peak GPU memory
   (bench_train's peak: the allocator's peak reservation plus the CUDA context, not only allocated tensors).
 Backbones use random weights (timing only), so no weights file is needed. Without a CUDA GPU it says so and
-exits with 1. The README's GPU tables are pasted from the report it writes.
+exits with 1. docs/gpu_report.md says how to read the report it writes.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ generation; ``all``: every anomaly, as the public code). The files are found wit
 ``test/LABEL/``, ``masks/LABEL/`` is a class folder of the ``folder`` dataset).
 
 Images are resized bicubically to S x S (no crop) and scaled to [-1, 1]; masks must be binary (0 and one other
-value; a JPEG mask is binarised at half range as everywhere here) and of their image's size; they are resized
+value; a JPEG mask is binarised at half range as everywhere here), mark a defect (not all 0) and be of their
+image's size; they are resized
 bicubically and thresholded at 0.5 to {0, 1}, as the public code's ``MvtecDataset_singel_anomaly``.
 """
 from __future__ import annotations
@@ -48,6 +49,33 @@ MVTEC_DEFECTS: dict[str, tuple[str, ...]] = {
                "squeezed_teeth"),
 }
 BTAD_CLASSES = ("01", "02", "03")
+# The init word of each defect type in the public training script (train-MVTEC.sh, 67 lines; PANDA_SPEC appendix):
+# the word whose embedding the textual-inversion vectors start from. Pill has only pill_type there; its six
+# other types, and every type of another dataset, take the rule of panda.train.resolve_init_word.
+MVTEC_INIT_WORDS: dict[str, dict[str, str]] = {
+    "bottle": {"broken_large": "large", "broken_small": "small", "contamination": "contamination"},
+    "cable": {"bent_wire": "wire", "cable_swap": "swap", "combined": "combined", "cut_inner_insulation": "cut",
+              "cut_outer_insulation": "cut", "missing_cable": "miss", "missing_wire": "miss",
+              "poke_insulation": "poke"},
+    "capsule": {"crack": "crack", "faulty_imprint": "imprint", "poke": "poke", "scratch": "scratch",
+                "squeeze": "squeeze"},
+    "carpet": {"color": "color", "thread": "thread", "hole": "hole", "cut": "cut",
+               "metal_contamination": "contamination"},
+    "grid": {"broken": "grid", "glue": "glue", "bent": "bent", "thread": "thread",
+             "metal_contamination": "contamination"},
+    "hazelnut": {"crack": "crack", "cut": "cut", "hole": "hole", "print": "print"},
+    "leather": {"color": "color", "cut": "cut", "fold": "fold", "glue": "glue", "poke": "poke"},
+    "metal_nut": {"color": "color", "bent": "bent", "flip": "flip", "scratch": "scratch"},
+    "pill": {"pill_type": "pill"},
+    "screw": {"manipulated_front": "front", "scratch_head": "head", "scratch_neck": "neck", "thread_side": "side",
+              "thread_top": "top"},
+    "tile": {"crack": "crack", "glue_strip": "strip", "gray_stroke": "gray", "oil": "oil", "rough": "rough"},
+    "toothbrush": {"defective": "defective"},
+    "transistor": {"bent_lead": "bent", "cut_lead": "cut", "damaged_case": "damage", "misplaced": "miss"},
+    "wood": {"color": "color", "hole": "hole", "liquid": "liquid", "combined": "combined", "scratch": "scratch"},
+    "zipper": {"rough": "rough", "broken_teeth": "broken", "combined": "combined", "fabric_border": "border",
+               "fabric_interior": "interior", "split_teeth": "split", "squeezed_teeth": "teeth"},
+}
 MASK_THRESHOLD = 0.5  # the public code: mask / 255 after the bicubic resize, >= 0.5 -> 1
 
 
@@ -159,20 +187,25 @@ def _mask_values(image: Image.Image) -> np.ndarray:
 
 
 def check_binary(path: str) -> None:
-    """DatasetError unless the mask holds at most two values, 0 and one other (0/255, 0/1, ...). A mask stored
-    with lossy compression (JPEG) cannot be: it is binarised at half range as every reader here does
-    (datasets.base.to_binary_mask)."""
+    """DatasetError unless the mask holds at most two values, 0 and one other (0/255, 0/1, ...), and marks a
+    defect (some pixel not 0: an all-zero mask teaches PANDA nothing and would be drawn for generation). A mask
+    stored with lossy compression (JPEG) cannot be binary: it is binarised at half range as every reader here does
+    (datasets.base.to_binary_mask), and must keep a defect pixel."""
     try:
         with Image.open(path) as image:
             if is_lossy(image):
-                return
-            values = np.unique(_mask_values(image))
+                values = np.unique(np.asarray(read_mask(path)))
+            else:
+                values = np.unique(_mask_values(image))
     except (OSError, ValueError) as exc:
         raise DatasetError(f"Cannot decode mask '{path}' ({type(exc).__name__}); replace or remove it.") from exc
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
         raise DatasetError(f"Mask '{path}' is not binary (values {shown}); PANDA needs 0 for background and one "
                            "value (e.g. 255) for the anomaly.")
+    if not values.any():
+        raise DatasetError(f"Mask '{path}' marks no defect (every pixel is 0); PANDA learns a defect where its masks "
+                           "mark it: mark the defect (e.g. 255 on 0) or remove the mask and its image.")
 
 
 def load_image(path: str, size: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ class Adapters:
     fine_mask: nn.Module
 
 
+VAE_FACTOR = 8  # the f8 autoencoder: S x S images have S/8 x S/8 latents (and latent masks)
+
+
 def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
     """Binary latent mask: bilinear resize without antialias (torchvision 0.13 ``Resize`` on tensors, as the
     release ran), then >= 0.5 -> 1. mask [B, 1, S, S] -> [B, 1, h, w] float {0, 1}."""

@@ -5,13 +5,18 @@ MVTec AD layout so that every dataset reader of the project reads them:
     OUT/CLASS/ground_truth/DEFECT/NNNN_mask.png  its mask, 0/255 (the binarised S x S mask the model was given)
     OUT/CLASS/preview/DEFECT.png                 the first pairs as rows [normal | mask | synthetic]
     OUT/CLASS/panda-DEFECT.json                  where they come from: checkpoint, step, anomaly split, seed,
-                                                 pairs, batch size, sampler steps (written before the pairs:
-                                                 'segment' refuses a folder with fewer pairs, or another split)
+                                                 pairs, batch size, sampler steps, the empty-latent-mask policy
+                                                 and its counts (written before the pairs: 'segment' refuses a
+                                                 folder with fewer pairs, or another split)
 
 Each pair takes a random normal training image and a random mask of the defect's synthesis part (both drawn
 with replacement, as the public code, but seeded: NumPy SeedSequence [seed, SELECT_STREAM]); batch b samples
-with a torch generator seeded by [seed, SAMPLE_STREAM, b]. A stopped generation run again continues with the
-first batch not written, and writes the same pairs as an uninterrupted one (each file is written atomically).
+with a torch generator seeded by [seed, SAMPLE_STREAM, b]. The sampler edits the S/8 x S/8 latent mask (a
+point-sampled bilinear resize, ``latent_mask``), in which a thin or small defect may vanish: the pair would be a
+normal image labelled with a defect mask. By default (``--empty_latent_masks redraw``) such a mask is redrawn
+(from [seed, REDRAW_STREAM]) until one the sampler sees; ``keep`` writes it as the public code does. A stopped
+generation run again continues with the first batch not written, and writes the same pairs as an uninterrupted
+one (each file is written atomically).
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from PIL import Image
 
 import runstate
 import utils
-from panda.data import DefectData, collect, load_image, load_mask
+from choices import EMPTY_LATENT_MASKS
+from panda.data import DefectData, collect, load_image, load_mask, load_masks
+from panda.diffusion import VAE_FACTOR, latent_mask
 from panda.noise import GeneratorNoise
 from panda.schedule import NUM_TIMESTEPS
 from panda.train import (CHECKPOINT_NAME, WEIGHTS_NAME, TrainConfig, build_model, check_job, file_names, job_folder,
@@ -35,6 +42,7 @@ from utils import UserError
 LOG = logging.getLogger("pbas")
 SELECT_STREAM = 2  # SeedSequence entropy [seed, SELECT_STREAM]: the (normal image, mask) of every pair
 SAMPLE_STREAM = 3  # [seed, SAMPLE_STREAM, batch]: the sampler's noise of each batch
+REDRAW_STREAM = 4  # [seed, REDRAW_STREAM]: the masks that replace those empty in the latent mask
 PREVIEW_PAIRS = 4
 MIN_SAMPLER_STEPS = 2  # a respaced chain keeps the first and the last timestep
 MIN_DIGITS = 4  # NNNN
@@ -44,7 +52,8 @@ MIN_DIGITS = 4  # NNNN
 class GenerateOptions:
     """How many pairs, in which batches, under which seed, from which checkpoint (its step and the anomaly split
     it was trained with), with how many sampler steps (NUM_TIMESTEPS: the public sampler; fewer: a respaced chain,
-    faster and not the public one)."""
+    faster and not the public one), and what becomes of a drawn mask that is empty in the latent mask (redraw:
+    another is drawn; keep: the public code's pair, labelled with a mask the sampler never saw)."""
 
     pairs: int
     batch_size: int
@@ -53,6 +62,7 @@ class GenerateOptions:
     step: int
     anomaly_split: str
     sampler_steps: int = NUM_TIMESTEPS
+    empty_latent_masks: str = "redraw"
 
     def check(self) -> None:
         if self.pairs <= 0 or self.batch_size <= 0:
@@ -60,6 +70,8 @@ class GenerateOptions:
         if not MIN_SAMPLER_STEPS <= self.sampler_steps <= NUM_TIMESTEPS:
             raise UserError(f"--sampler_steps must be in [{MIN_SAMPLER_STEPS}, {NUM_TIMESTEPS}], "
                             f"got {self.sampler_steps}")
+        if self.empty_latent_masks not in EMPTY_LATENT_MASKS:
+            raise UserError(f"--empty_latent_masks must be one of {', '.join(EMPTY_LATENT_MASKS)}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,49 @@ def selection(seed: int, pairs: int, normals: int, masks: int) -> tuple[np.ndarr
     return rng.integers(normals, size=pairs), rng.integers(masks, size=pairs)
 
 
+@dataclass(frozen=True)
+class PairPlan:
+    """The (normal image, mask) of every pair, after the empty-latent-mask policy: ``images``, ``masks`` [pairs]
+    indices; ``redraws``: masks drawn again because the latent mask was empty; ``unseen``: pairs written with a
+    mask whose latent mask is empty (``keep`` only); ``empty``: names of the masks that vanish."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    redraws: int
+    unseen: int
+    empty: tuple[str, ...]
+
+
+def visible_in_latent(masks: torch.Tensor, imagesize: int) -> np.ndarray:
+    """[M] bool: whether each mask [M, 1, S, S] in {0, 1} keeps a pixel in the S/8 x S/8 latent mask the sampler
+    edits (latent_mask, as Panda.sample)."""
+    size = imagesize // VAE_FACTOR
+    return latent_mask(masks, (size, size)).flatten(1).any(1).numpy()
+
+
+def plan_pairs(data: DefectData, imagesize: int, options: GenerateOptions) -> PairPlan:
+    """Draw every pair (selection); with ``redraw``, each mask empty in the latent mask is replaced by draws
+    from [seed, REDRAW_STREAM] until a visible one (pairs with visible masks are those of ``keep``). UserError
+    when every mask vanishes and the policy is redraw."""
+    chosen_images, chosen_masks = selection(options.seed, options.pairs, len(data.normals), len(data.masks))
+    visible = visible_in_latent(load_masks(data.masks, imagesize), imagesize)  # [M]
+    empty = tuple(os.path.basename(path) for path, seen in zip(data.masks, visible) if not seen)
+    if options.empty_latent_masks == "keep":
+        return PairPlan(chosen_images, chosen_masks, 0, int((~visible[chosen_masks]).sum()), empty)
+    if not visible.any():
+        size = imagesize // VAE_FACTOR
+        raise UserError(f"every mask of {data.name} ({len(data.masks)}) vanishes in the {size}x{size} latent mask "
+                        "the sampler edits, so no pair would show its defect; pass --empty_latent_masks keep to write "
+                        "them anyway (the public code's pairs)")
+    rng = np.random.default_rng([options.seed, REDRAW_STREAM])
+    masks, redraws = chosen_masks.copy(), 0
+    for i in range(len(masks)):
+        while not visible[masks[i]]:
+            masks[i] = rng.integers(len(visible))
+            redraws += 1
+    return PairPlan(chosen_images, masks, redraws, 0, empty)
+
+
 def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
     """The sampler's noise generator of batch ``batch``."""
     state = np.random.SeedSequence([seed, SAMPLE_STREAM, batch]).generate_state(1, dtype=np.uint64)[0]
@@ -129,12 +184,16 @@ def check_record(layout: Layout, record: dict) -> None:
                         f"(different {', '.join(keys) or 'record'}); choose another --output or remove them")
 
 
-def generation_record(data: DefectData, imagesize: int, options: GenerateOptions) -> dict:
-    """OUT/CLASS/panda-DEFECT.json: where the pairs come from (read by check_record and by 'segment')."""
+def generation_record(data: DefectData, imagesize: int, options: GenerateOptions, plan: PairPlan) -> dict:
+    """OUT/CLASS/panda-DEFECT.json: where the pairs come from (read by check_record and by 'segment'), with the
+    masks that vanish in the latent mask, how many draws were redone (redraw) or how many pairs carry such a
+    mask (keep)."""
     return {"method": "panda", "dataset": data.dataset, "class": data.classname, "defect": data.defect,
             **{k: v for k, v in asdict(options).items() if k != "checkpoint"},
             "checkpoint": os.path.abspath(options.checkpoint), "imagesize": imagesize,
-            "masks": [os.path.basename(path) for path in data.masks]}
+            "masks": [os.path.basename(path) for path in data.masks],
+            "empty_latent_mask_files": list(plan.empty), "mask_redraws": plan.redraws,
+            "pairs_with_empty_latent_mask": plan.unseen}
 
 
 def generate(model, data: DefectData, imagesize: int, out: str, options: GenerateOptions,
@@ -143,10 +202,11 @@ def generate(model, data: DefectData, imagesize: int, out: str, options: Generat
     kept. Raises runstate.Interrupted when a stop is
     requested between batches."""
     layout = Layout(out, data.classname, data.defect, options.pairs)
-    record = generation_record(data, imagesize, options)
+    plan = plan_pairs(data, imagesize, options)
+    record = generation_record(data, imagesize, options, plan)
     check_record(layout, record)
     utils.save_json(record, layout.record)
-    chosen_images, chosen_masks = selection(options.seed, options.pairs, len(data.normals), len(data.masks))
+    chosen_images, chosen_masks = plan.images, plan.masks
     masks = torch.stack([load_mask(path, imagesize) for path in data.masks])  # [M, 1, S, S] in {0, 1}
     starts = range(0, options.pairs, options.batch_size)
     for batch, start in enumerate(utils.progress(starts, data.name, total=len(starts))):
@@ -189,7 +249,8 @@ def source_checkpoint(results: str, dataset: str, classname: str, defect: str, s
 
 def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpoint: str | None, step: int | None,
                    results: str, out: str, pairs: int, batch_size: int, seed: int, ldm_path: str, precision: str,
-                   device: torch.device, sampler_steps: int = NUM_TIMESTEPS) -> list[Layout]:
+                   device: torch.device, sampler_steps: int = NUM_TIMESTEPS,
+                   empty_latent_masks: str = "redraw") -> list[Layout]:
     """Generate the pairs of every (class, defect) of ``jobs``; each model, its data and OUT are checked before
     the LDM loads; OUT may not be the dataset or lie inside it."""
     utils.check_outside(out, root, "--output", "DATAPATH")
@@ -209,9 +270,17 @@ def run_generation(dataset: str, root: str, jobs: list[tuple[str, str]], checkpo
             LOG.warning("%s: the masks of %s/%s differ from those it was trained with", path, classname, defect)
         if ckpt["step"] < config.steps:
             LOG.warning("%s: generating from step %d of %d (training not finished)", path, ckpt["step"], config.steps)
-        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]), config.anomaly_split, sampler_steps)
+        options = GenerateOptions(pairs, batch_size, seed, path, int(ckpt["step"]), config.anomaly_split, sampler_steps,
+                                  empty_latent_masks)
         options.check()
-        check_record(Layout(out, classname, defect, pairs), generation_record(data, config.imagesize, options))
+        plan = plan_pairs(data, config.imagesize, options)
+        if plan.empty:
+            size = config.imagesize // VAE_FACTOR
+            outcome = (f"{plan.redraws} draws redone" if empty_latent_masks == "redraw"
+                       else f"{plan.unseen} pairs carry one (--empty_latent_masks keep)")
+            LOG.warning("%s/%s: %d of %d masks vanish in the %dx%d latent mask (e.g. %s); %s", classname, defect,
+                        len(plan.empty), len(data.masks), size, size, plan.empty[0], outcome)
+        check_record(Layout(out, classname, defect, pairs), generation_record(data, config.imagesize, options, plan))
         planned.append((ckpt, config, data, options))
     utils.check_writable_folder(out, "--output")
     utils.configure_precision(precision, device)

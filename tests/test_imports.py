@@ -118,3 +118,16 @@ print(json.dumps({{"asked": asked, "calls": calls}}))
 """)
     assert found["calls"] == 0, "transformers asked is_datasets_available()"
     assert found["asked"] == [], found["asked"]
+
+
+def test_an_older_python_gets_one_line_before_any_import():
+    found = run_python("""
+import json, runpy, sys
+sys.version_info = (3, 9, 18, "final", 0)
+try:
+    runpy.run_path("main.py", run_name="__main__")
+except SystemExit as exc:
+    print(json.dumps({"code": str(exc.code), "click": "click" in sys.modules}))
+""")
+    assert found["code"].startswith("error: this project needs Python 3.10 or newer"), found
+    assert found["click"] is False

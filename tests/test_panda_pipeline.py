@@ -144,6 +144,7 @@ def copy_data(root: Path, tmp_path: Path) -> Path:
     ("no_images", "has no anomalous images"),
     ("mask_size", "is 16x16 (width x height) but its image"),
     ("not_binary", "is not binary"),
+    ("empty_mask", "marks no defect (every pixel is 0)"),
 ])
 def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path: Path, capsys, damage: str,
                                                  message: str):
@@ -156,6 +157,8 @@ def test_bad_data_is_one_line_and_writes_nothing(root: Path, ldm: Path, tmp_path
             path.unlink()
     elif damage == "mask_size":
         Image.new("L", (16, 16), 255).save(masks / "001_mask.png")
+    elif damage == "empty_mask":  # a mask of the training third that marks nothing
+        Image.new("L", (SIZE, SIZE), 0).save(masks / "001_mask.png")
     else:
         grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
         grey[:, :8], grey[:, 8:16] = 128, 255  # an anti-aliased or soft mask
@@ -172,6 +175,11 @@ def test_a_jpeg_mask_is_binarised_at_half_range_not_refused(tmp_path: Path):
     assert len(np.unique(np.asarray(Image.open(tmp_path / "m.jpg")))) > 2
     panda_data.check_binary(str(tmp_path / "m.jpg"))
     assert torch.equal(panda_data.load_mask(str(tmp_path / "m.jpg"), SIZE)[0], torch.from_numpy(mask / 255.0).float())
+    faint = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    faint[8:20, 8:20] = 60  # below half range: binarised to nothing
+    Image.fromarray(faint).save(tmp_path / "faint.jpg", quality=95)
+    with pytest.raises(panda_data.DatasetError, match="marks no defect"):
+        panda_data.check_binary(str(tmp_path / "faint.jpg"))
 
 
 def test_unwritable_output_and_results_are_refused_before_any_work(trained: Path, root: Path, ldm: Path, tmp_path: Path,
@@ -230,6 +238,30 @@ def test_init_word_from_the_defect_name(ldm: Path):
     assert word("broken_large", "crack") == "crack"
     with pytest.raises(main.UserError, match="give --init_word"):
         word("zzz")
+
+
+def test_init_words_of_mvtec_ad_are_the_public_scripts(ldm: Path, tmp_path: Path):
+    from transformers import BertTokenizer
+
+    from panda.ldm import TINY_VOCAB
+
+    public = sorted({w for table in panda_data.MVTEC_INIT_WORDS.values() for w in table.values()} | {"case", "type"})
+    (tmp_path / "vocab.txt").write_text("\n".join(dict.fromkeys([*TINY_VOCAB, *public])) + "\n")
+    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    word = lambda dataset, cls, defect: train.resolve_init_word(tokenizer, train.TrainConfig(dataset, cls, defect))
+    assert sum(len(table) for table in panda_data.MVTEC_INIT_WORDS.values()) == 67  # the public script's lines
+    expected = {("transistor", "damaged_case"): "damage", ("transistor", "misplaced"): "miss",
+                ("transistor", "bent_lead"): "bent", ("cable", "missing_wire"): "miss",
+                ("cable", "cut_inner_insulation"): "cut", ("cable", "poke_insulation"): "poke",
+                ("tile", "gray_stroke"): "gray", ("zipper", "broken_teeth"): "broken",
+                ("zipper", "split_teeth"): "split", ("grid", "broken"): "grid", ("pill", "pill_type"): "pill",
+                ("bottle", "broken_large"): "large", ("capsule", "faulty_imprint"): "imprint"}
+    assert {key: word("mvtec", *key) for key in expected} == expected  # the defect-name rule gives other words
+    assert word("mvtec", "pill", "crack") == "crack"  # no public word: the rule
+    assert word("folder", "transistor", "damaged_case") == "case"  # another dataset: the rule
+    tiny = BertTokenizer.from_pretrained(str(ldm / "tokenizer"), local_files_only=True)  # no 'miss' in it
+    with pytest.raises(main.UserError, match="public init word 'miss' of cable/missing_wire is not one token"):
+        train.resolve_init_word(tiny, train.TrainConfig("mvtec", "cable", "missing_wire"))
 
 
 def test_defect_tables_and_batch_order():
@@ -310,3 +342,52 @@ def test_segment_refuses_pairs_of_another_anomaly_split(trained: Path, root: Pat
     path.write_text(json.dumps(record))
     assert "does not record the anomaly split" in one_line_error(capsys, segment(tmp_path / "res", root, out, "third"))
     assert not (tmp_path / "res" / "models").exists()
+
+
+def thin_mask(path: Path, row: int = 10) -> None:
+    """A 1 px line: it vanishes in the 4 x 4 latent mask of a 32 px image (latent_mask samples rows 3.5 + 8k)."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[row, :] = 255
+    Image.fromarray(mask).save(path)
+
+
+def test_masks_empty_in_the_latent_mask_are_redrawn_unless_kept(tmp_path: Path):
+    wide = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    wide[8:24, 8:24] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    thin_mask(tmp_path / "thin.png")
+    samples = [panda_data.Sample("x.png", str(tmp_path / name), 1, DEFECT) for name in ("wide.png", "thin.png")]
+    data = panda_data.DefectData("mvtec", CLASS, DEFECT, ["n0.png", "n1.png"], samples, 0)
+    options = lambda policy: generate.GenerateOptions(40, 2, 7, "c.pt", 4, "third", 2, policy)
+    assert generate.visible_in_latent(panda_data.load_masks(data.masks, SIZE), SIZE).tolist() == [True, False]
+    kept, redrawn = generate.plan_pairs(data, SIZE, options("keep")), generate.plan_pairs(data, SIZE, options("redraw"))
+    public = generate.selection(7, 40, 2, 2)[1]
+    assert np.array_equal(kept.masks, public) and kept.redraws == 0  # keep: the public draws
+    assert kept.unseen == int((public == 1).sum()) > 0 and kept.empty == redrawn.empty == ("thin.png",)
+    assert (redrawn.masks == 0).all() and redrawn.unseen == 0  # only the mask the sampler sees
+    assert redrawn.redraws >= kept.unseen and np.array_equal(redrawn.images, kept.images)
+    thin_mask(tmp_path / "wide.png", row=2)
+    with pytest.raises(main.UserError, match="every mask of texture.scratch .2. vanishes in the 4x4 latent mask.*"
+                                             "--empty_latent_masks keep"):
+        generate.plan_pairs(data, SIZE, options("redraw"))
+    assert generate.plan_pairs(data, SIZE, options("keep")).unseen == 40
+
+
+def test_generate_records_redraws_and_writes_only_masks_the_sampler_saw(trained: Path, root: Path, ldm: Path,
+                                                                          tmp_path: Path):
+    data = copy_data(root, tmp_path)
+    thin_mask(data / CLASS / "ground_truth" / DEFECT / "001_mask.png")  # one of the two training masks
+    records = {}
+    for policy in ("redraw", "keep"):
+        out = tmp_path / policy
+        assert cli(trained, ldm, data, "--output", str(out), "--pairs", "2", *FAST, "--empty_latent_masks", policy,
+                   command="panda-generate") == 0
+        records[policy] = json.loads((out / CLASS / f"panda-{DEFECT}.json").read_text())
+        written = panda_data.load_masks(sorted(str(p) for p in (out / CLASS / "ground_truth" / DEFECT).iterdir()), SIZE)
+        seen = generate.visible_in_latent(written, SIZE)
+        assert seen.all() if policy == "redraw" else not seen.all()
+    redraw, keep = records["redraw"], records["keep"]
+    assert redraw["empty_latent_masks"] == "redraw" and keep["empty_latent_masks"] == "keep"
+    assert redraw["empty_latent_mask_files"] == keep["empty_latent_mask_files"] == ["001_mask.png"]
+    assert redraw["mask_redraws"] >= keep["pairs_with_empty_latent_mask"] == 2  # seed 3407 draws the thin one twice
+    assert redraw["pairs_with_empty_latent_mask"] == keep["mask_redraws"] == 0

@@ -30,7 +30,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train(root: Path, results: Path, precision: str) -> dict[str, dict[str, float]]:
     assert main.cli(["--seed", "0", "--precision", precision, "--results_path", str(results), *NET, *DATA, str(root)]) == 0
     with open(results / "results.csv") as f:
-        return {r["Row Names"]: {k: float(v) for k, v in r.items() if k not in ("Row Names", "method", "setting", "seeds")}
+        return {r["Row Names"]: {k: float(v) for k, v in r.items() if k not in ("Row Names", "method", "setting", "seed")}
                 for r in csv.DictReader(f)}
 
 

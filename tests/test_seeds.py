@@ -34,7 +34,7 @@ def test_std_of_identical_seeds_is_zero_and_of_different_seeds_is_numpys():
     assert float(b["image_auroc_std"]) == pytest.approx(np.std(values), abs=1e-15)
     assert float(b["last_pixel_pro_std"]) == pytest.approx(np.std([1 - v for v in values]), abs=1e-15)
     assert float(b["image_auroc"]) == pytest.approx(np.mean(values), abs=1e-15)  # the release column: the mean
-    assert b["seeds"] == "0 1 2" and table["mvtec_a"]["seeds"] == "0 1"
+    assert b["seed"] == "0 1 2" and table["mvtec_a"]["seed"] == "0 1"  # the seeds of the row
     # Mean row: each seed's mean over its classes, then mean and std over the seeds
     per_seed = [np.mean([0.75, values[0]]), np.mean([0.75, values[1]]), values[2]]
     assert float(table["Mean"]["image_auroc_mean"]) == pytest.approx(np.mean(per_seed), abs=1e-15)
@@ -59,7 +59,7 @@ def test_repeated_seed_option_runs_each_seed(mvtec_root: Path, tmp_path: Path):
         values = [float(r["pixel_auroc"]) for r in per_seed if r["Row Names"] == name]
         assert float(overall[name]["pixel_auroc_mean"]) == pytest.approx(np.mean(values), abs=1e-12)
         assert float(overall[name]["pixel_auroc_std"]) == pytest.approx(np.std(values), abs=1e-12)
-        assert overall[name]["seeds"] == "0 1"
+        assert overall[name]["seed"] == "0 1"
     assert values[0] != values[1]  # the seeds really are different runs
 
 

@@ -128,6 +128,10 @@ def test_segment_finds_matching_defects(trained: Path) -> None:
     scores = list(csv.DictReader(open(folder / "scores.csv")))
     assert len(scores) == 10 and all((folder / r["heatmap"]).is_file() for r in scores)
     assert (trained / "report.html").is_file() and "pixel_iou" in (trained / "report.html").read_text()
+    # the loss log the report plots: per logged step (every train.LOG_EVERY steps and the last one; 12 steps here)
+    log = list(csv.DictReader(open(folder / "loss.csv")))
+    assert list(log[0]) == ["step", "loss", "focal", "dice"] and [r["step"] for r in log] == ["12"]
+    assert "models_segment-easy-third_mvtec_texture_seed0_epochs.png" in (trained / "report.html").read_text()
 
 
 def test_predict_and_onnx_parity(trained: Path, real_root: Path, tmp_path: Path) -> None:
@@ -187,6 +191,62 @@ def test_resume_is_exact(real_root: Path, easy_root: Path, tmp_path: Path) -> No
         train.read(str(tmp_path / "stopped.pt"), {"net": {}})
 
 
+class _Bar:
+    """Records what fit() shows on its progress bar."""
+
+    def __init__(self, total: int, initial: int, disable: bool) -> None:
+        self.total, self.initial, self.disable = total, initial, disable  # disable: not a terminal, no bar
+        self.updates, self.postfix, self.closed = 0, {}, False
+
+    def update(self, n: int) -> None:
+        self.updates += n
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_progress_from_the_first_step_at_the_current_rate(real_root: Path, easy_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A bar over every step from the first (on a terminal: no log lines between its updates); without a terminal,
+    log lines whose s/step is that of the steps since the previous line (a fake clock: steps of 1, 1, 5, 5 s), not
+    the running average since the start (7 / 3 s at step 3)."""
+    import types
+
+    data = segdata.load_class("mvtec", str(real_root), str(easy_root), "texture", CROP, CROP, "third")
+    images = segdata.TrainImages(data.normal, data.synthetic)
+    config = train.SegmentConfig(arch="segformer", encoder="efficientnet_lite0", encoder_weights="none",
+                                 imagesize=CROP, resize=CROP, steps=4, batch_size=2)
+    bars: list[_Bar] = []
+    shown = [False, True]  # the first run without a terminal (no bar), the second with one
+
+    def progress(_iterable, _desc: str, total: int, initial: int = 0) -> _Bar:
+        bars.append(_Bar(total, initial, disable=not shown[len(bars)]))
+        return bars[-1]
+
+    monkeypatch.setattr(utils, "progress", progress)
+    clock = iter([0.0, 1.0, 2.0, 7.0, 12.0] + [0.0] * 5)  # the start, then the time of each progress line
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    model = torch.nn.Conv2d(3, 1, 1)  # any network of images [B, 3, S, S] -> logits [B, 1, S, S]: a tiny one
+    for run, bar in enumerate(shown):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pbas"):
+            history = train.fit(model, images, config, {"net": config.to_dict(), "class": "texture"}, 0,
+                                str(tmp_path / f"state{run}.pt"), torch.device("cpu"))
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        if bar:  # the bar shows the steps, the loss and the rate: no lines between its updates
+            assert lines == []
+        else:
+            assert [line.split("(")[1] for line in lines] == [f"{t:.2f} s/step over the last 1)" for t in (1, 1, 5, 5)]
+        assert [h["step"] for h in history] == [1, 2, 3, 4]  # a row every tenth of a short run, at least every step
+    for bar in bars:
+        assert (bar.total, bar.initial, bar.updates, bar.closed) == (4, 0, 4, True) and "loss" in bar.postfix
+    assert train.log_every(config) == 1 and train.log_every(train.SegmentConfig()) == train.LOG_EVERY
+
+
 def _cli_error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
     assert main.cli(args) == 2
     err = capsys.readouterr().err.strip()
@@ -219,6 +279,44 @@ def test_bad_input(real_root: Path, easy_root: Path, tmp_path: Path, capsys: pyt
     assert not (tmp_path / "res" / "models").exists()  # nothing trained or written for bad input
     assert "checkpoint" in _cli_error(capsys, ["segment-export", "--checkpoint", str(mask),
                                                                "--output", str(tmp_path / "x.onnx")])
+
+
+class _RunsCode:
+    """Unpickling this runs code (creates a file): what a tampered weights file could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_default_encoder_weights_come_from_the_hub_cache_only(real_root: Path, easy_root: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default encoder (resnet34) follows the backbones' policy: read from $TORCH_HOME/hub/checkpoints with
+    weights_only, never downloaded; a missing file names its exact path, a file with code in it is refused unrun."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: downloads.append(a))
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    args = ["--gpu", "-1", "--results_path", str(tmp_path / "res"), "segment", "mvtec", str(real_root), "-d",
+            "texture", "--synthetic", str(easy_root), "--imagesize", str(CROP), "--resize", str(CROP)]
+    err = _cli_error(capsys, args)  # no --encoder: the default resnet34
+    assert f"put resnet34-b627a593.pth (from https://download.pytorch.org/models/resnet34-b627a593.pth) at {path}" in err
+    assert downloads == []
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"conv1.weight": _RunsCode(str(marker))}, path)
+    err = _cli_error(capsys, args)
+    assert f"{path} is not a plain weights file (it asks to run code" in err and not marker.exists()
+    assert not (tmp_path / "res" / "models").exists()
+    source = torchvision.models.resnet34(weights=None).state_dict()  # the torchvision file's keys and shapes
+    torch.save(source, path)
+    model = networks.create("unet", "resnet34", "imagenet")
+    assert torch.equal(model.encoder.layer3[5].conv2.weight, source["layer3.5.conv2.weight"])
 
 
 def baseline(data: Path, out: Path, *extra: str) -> list[str]:
