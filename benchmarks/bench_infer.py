@@ -10,6 +10,9 @@ onnxruntime offers it (true fp32: ``use_tf32=0``; inputs and outputs bound on th
 provider. Each onnxruntime row is labelled by the provider the session actually uses (its first active
 provider); a GPU run whose session fell back to the CPU says so, and floating-point nodes that a CUDA session
 placed on the CPU provider (found by a profiled run) are named in the table's note.
+The int8 rows (``--onnx_precisions``) time ``deploy.quantize_int8`` of the same fp32 graph (what ``main.py export
+--precision int8`` writes), calibrated on ``--calibration_images`` random images, on the CPU provider; the header
+names the CPU's integer ISA (AMX, AVX-512 VNNI, AVX-VNNI, AVX-512, AVX2), on which int8 speed depends.
 
 The method is built as ``inference.load_model`` builds a checkpoint's, with randomly initialised projector
 and discriminator (their weights do not change the speed). CRAS scores with the per-image class vote
