@@ -7,3 +7,4 @@ CACHE_MODES = ("auto", "device", "host", "off")  # --cache: the feature cache of
 BACKBONE_NAMES = ("wideresnet50", "wideresnet101", "resnet18", "resnet50", "efficientnet_lite0")  # backbones.BACKBONES
 ANOMALY_SPLITS = ("third", "all")  # real anomalies held out for the synthesis (datasets/split.py)
 PANDA_DATASETS = ("mvtec", "btad", "folder")  # the datasets PANDA reads (panda/data.py)
+MASK_BINARIZE = ("release", "half")  # --mask_binarize: the test masks' ground truth rule (metrics.binarize_masks)

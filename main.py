@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 import runstate
-from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, PANDA_DATASETS, PRECISIONS
+from choices import ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, MASK_BINARIZE, PANDA_DATASETS, PRECISIONS
 from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
 from errors import UserError
 from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
@@ -147,6 +147,10 @@ def net_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict,
               help="Shorter image side before the center crop (PBAS, MVTec toothbrush/wood: imagesize*8/7).")
 @click.option("--imagesize", type=int, default=288, help="Center-crop size fed to the network.")
 @click.option("--num_workers", type=int, default=4, help="Data-loading worker processes.")
+@click.option("--mask_binarize", type=click.Choice(MASK_BINARIZE), default="release",
+              help="Ground truth of the resized test masks: release = a pixel is a defect only where the antialiased "
+                   "resize left exactly 1 (the releases' astype(int)); half = where it is above 0.5 (a departure; "
+                   "thin defects keep their pixels).")
 @click.pass_context
 def dataset_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
     """Dataset NAME (mvtec, visa, mpdd, itdd, mvtec_ad2, btad, folder) at DATAPATH and its loading options."""

@@ -28,7 +28,7 @@ from utils import UserError
 REPORT_NAME = "report.html"
 IMAGES_DIR = "report"
 GALLERY_SIZE = 6  # worst false negatives and false positives shown per class
-TABLE_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "best_epoch",
+TABLE_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "pixel_f1_oracle", "pixel_iou_oracle", "best_epoch",
                  "last_image_auroc", "last_pixel_auroc", "last_pixel_pro", "last_epoch")
 FIGURE_SIZE = (4.0, 3.2)
 
@@ -64,7 +64,8 @@ def collect(results: str) -> list[JobRun]:
         folder = os.path.relpath(os.path.dirname(path), results)
         log = runs.get(folder, {}).get("log")
         found.append(JobRun(folder, data.get("method", "?"), data.get("setting", "?"), int(data.get("seed", 0)),
-                            data["rows"], _read_csv(os.path.join(results, folder, "scores.csv")),
+                            {name: utils.upgrade_metrics_row(row) for name, row in data["rows"].items()},
+                            _read_csv(os.path.join(results, folder, "scores.csv")),
                             _read_csv(os.path.join(results, log)) if isinstance(log, str) else []))
     return found
 
@@ -178,6 +179,15 @@ def _img(src: str, caption: str = "") -> str:
     return f'<figure><img src="{html.escape(src)}"{tip}><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
+def gallery_threshold(row: dict) -> tuple[float, str]:
+    """The image threshold of a class's galleries and how it was chosen: the one fixed before testing (the
+    segmenter's), else the F1-optimal one of the test set (PBAS/CRAS); NaN when the row has neither."""
+    fixed = float(row.get("image_f1_threshold", math.nan))
+    if not math.isnan(fixed):
+        return fixed, "the fixed threshold"
+    return float(row.get("image_f1_threshold_oracle", math.nan)), "the test set's F1-optimal threshold (oracle)"
+
+
 def job_section(results: str, run: JobRun) -> str:
     stem = run.folder.replace(os.sep, "_")
     classes = list(run.rows)
@@ -195,12 +205,12 @@ def job_section(results: str, run: JobRun) -> str:
         labels = np.array([int(r["label"]) for r in rows])
         scores = np.array([float(r["image_score"]) for r in rows])
         parts += [_img(p, os.path.basename(p)) for p in curves(results, f"{stem}_{name}", labels, scores)]
-        threshold = float(run.rows[name].get("image_f1_threshold", math.nan))
+        threshold, which = gallery_threshold(run.rows[name])
         if math.isnan(threshold):
             continue
         fn, fp = worst(rows, threshold)
         for title, items in (("worst false negatives", fn), ("worst false positives", fp)):
-            parts.append(f"<h4>{title} at the F1 threshold {threshold:.4g} ({len(items)} shown)</h4><div class=gallery>")
+            parts.append(f"<h4>{title} at {which} {threshold:.4g} ({len(items)} shown)</h4><div class=gallery>")
             parts += [_img(os.path.join(run.folder, r["heatmap"]),
                            f"{os.path.basename(r['image_path'])} ({r['defect']}): {float(r['image_score']):.4g}")
                       for r in items]

@@ -131,7 +131,8 @@ def test_help_documents_every_option(capsys):
                                                 "--target_embed_dimension", "--patchsize", "--meta_epochs", "--eval_epochs",
                                                 "--dsc_layers", "--dsc_hidden", "--dsc_margin", "--pre_proj", "--k",
                                                 "--train_backbone", "--center_metric", "--dsc_optimizer"]),
-                           (["dataset", "--help"], ["--subdatasets", "--batch_size", "--resize", "--imagesize", "--num_workers"])):
+                           (["dataset", "--help"], ["--subdatasets", "--batch_size", "--resize", "--imagesize", "--num_workers",
+                                                    "--mask_binarize"])):
         assert main.cli(args) == 0
         out = capsys.readouterr().out
         for option in expected:
