@@ -150,3 +150,24 @@ def test_panda_table_has_every_defect_type_and_its_task_trains_then_generates(tm
     (tmp_path / "calls.log").unlink()
     stopped = subprocess.run(["bash", str(SLURM / "task.sh")], env={**env, "STUB_EXIT": "143"}, capture_output=True)
     assert stopped.returncode == 143 and len(calls(tmp_path)) == 1  # a stopped training does not generate
+
+
+def test_panda_table_of_a_wrong_class_is_one_line_and_an_own_mvtec_class_is_read_from_disk(tmp_path: Path):
+    """A misspelt class is a one-line message, not a Python traceback; a class in MVTec layout that is not one
+    of the 15 official ones gets the defect types panda-train -d CLASS reads (panda.data.defect_types)."""
+    from panda import data as panda_data
+
+    root = tmp_path / "data"
+    for folder in ("good", "Good", "crack", "scratch", ".cache"):
+        (root / "ownclass" / "test" / folder).mkdir(parents=True)
+    bad = subprocess.run(["bash", str(SLURM / "make_table.sh"), "panda", "single", "mvtec", str(root), "3407", "bottel"],
+                         capture_output=True, text=True)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and bad.stdout == "" and len(err) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "'bottel' is not one of MVTec AD's 15 classes" in err[0] and str(root / "bottel" / "test") in err[0]
+    own = subprocess.run(["bash", str(SLURM / "make_table.sh"), "panda", "single", "mvtec", str(root), "3407", "ownclass bottle"],
+                         capture_output=True, text=True, check=True)
+    lines = [line.split("\t") for line in own.stdout.splitlines()]
+    listed = [l[5].split(":", 1)[1] for l in lines if l[5].startswith("ownclass:")]
+    assert listed == panda_data.defect_types("mvtec", str(root), "ownclass") == ["crack", "scratch"]
+    assert len(lines) == 2 + len(panda_data.MVTEC_DEFECTS["bottle"])  # an official class: its table, no disk needed
