@@ -85,17 +85,53 @@ def test_stopped_task_is_requeued_under_slurm(tmp_path: Path):
     assert calls(tmp_path)[-1] == "scontrol requeue 70_0"
 
 
+HANG_LIMIT = 600  # seconds; only guards against a hang: the waits below end on an event, not on a clock
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first, or after HANG_LIMIT (a hang)."""
+    deadline = time.monotonic() + HANG_LIMIT
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the process ended ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"{what}: nothing after {HANG_LIMIT} s (a hang)"
+        time.sleep(0.05)
+
+
 def test_sigterm_is_passed_on_to_main_py(tmp_path: Path):
     ready = tmp_path / "ready"
     env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_WAIT=str(ready))
     proc = subprocess.Popen(["bash", str(SLURM / "task.sh")], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while not ready.exists():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_until(ready.exists, "the stub waiting", proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    assert proc.wait(timeout=HANG_LIMIT) == 143
     assert calls(tmp_path)[-1] == "TERM"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sigterm_while_main_py_starts_is_passed_on(tmp_path: Path):
+    """SIGTERM to task.sh just after it started main.py, before it noted the child's pid (what a loaded machine
+    can make of SLURM's signal): task.sh passes it on and exits 143; it does not die of it, leaving main.py
+    running. A DEBUG trap (BASH_ENV) sends the signal at that very point, once the stub has started."""
+    hook = tmp_path / "hook.sh"
+    hook.write_text('set -T\ntrap \'if [[ "$BASH_COMMAND" == "child=\\$!" ]]; then '
+                    'while [[ ! -s "$STUB_LOG" ]]; do sleep 0.01; done; kill -TERM $$; fi\' DEBUG\n')
+    env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_WAIT=str(tmp_path / "ready"),
+                   BASH_ENV=str(hook))
+    proc = subprocess.Popen(["bash", str(SLURM / "task.sh")], env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert proc.wait(timeout=HANG_LIMIT) == 143  # not -15: task.sh itself killed by the signal
+        assert calls(tmp_path)[0].startswith("main.py")  # the stub ran, and ended with the signal
+        wait_until(lambda: not _group_alive(proc.pid), "the stub ending")
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_local_runner_runs_every_task_in_order(tmp_path: Path):
