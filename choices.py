@@ -13,3 +13,4 @@ EXPORT_CALIBRATION_SIZE = 300  # export --calibration_size: images, as NNCF's de
 EXPORT_MAX_DROP = 0.5  # export --max_drop: points of AUROC
 # panda-generate --empty_latent_masks: a drawn mask that vanishes in the latent mask is redrawn, or kept (public)
 EMPTY_LATENT_MASKS = ("redraw", "keep")
+MASK_BINARIZE = ("release", "half")  # --mask_binarize: the test masks' ground truth rule (metrics.binarize_masks)

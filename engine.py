@@ -367,12 +367,13 @@ class ClassTest:
     masks: torch.Tensor
 
 
-def load_masks(dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels [N] and masks [N, S, S] of a test set (masks only: the images are decoded by the feature source)."""
+def load_masks(dataset, device: torch.device, rule: str = "release") -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [N] and masks [N, S, S] of a test set (masks only: the images are decoded by the feature source),
+    the masks binarised by ``rule`` (--mask_binarize, metrics.binarize_masks; 'release' leaves them as resized)."""
     labels = torch.tensor([s.is_anomaly for s in dataset.samples])
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         masks = torch.stack([m[0] for m in pool.map(dataset.mask, range(len(dataset)))])
-    return labels.to(device), masks.to(device)
+    return labels.to(device), metrics.binarize_masks(masks, rule).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,17 +405,19 @@ def _auroc_or_nan(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def class_metrics(scores: torch.Tensor, maps: torch.Tensor, test: ClassTest, full: bool) -> dict:
-    """I-AUROC and P-AUROC (per epoch); with ``full`` also AP, PRO, AUPRO, the F1-optimal image threshold and the
-    defect class's pixel F1 and IoU at the F1-optimal pixel threshold."""
+    """I-AUROC and P-AUROC (per epoch); with ``full`` also AP, PRO, AUPRO, and, under names ending ``_oracle``,
+    the F1-optimal image threshold of the test set and its F1 and the defect class's pixel F1 and IoU at the
+    F1-optimal pixel threshold (scores and maps have no threshold fixed before testing: image_f1, pixel_f1 and
+    pixel_iou stay empty)."""
     if not full:
         return {"image_auroc": _auroc_or_nan(scores, test.labels),
                 "pixel_auroc": _auroc_or_nan(maps.flatten(), metrics.pixel_ground_truth(test.masks).flatten())}
     result = {**metrics.image_metrics(scores, test.labels), **metrics.pixel_metrics(maps, test.masks, with_pro=True),
               **metrics.pixel_f1_iou(maps, test.masks)}
     try:
-        result["image_f1_threshold"], result["image_f1"] = metrics.f1_optimal_threshold(scores, test.labels)
+        result["image_f1_threshold_oracle"], result["image_f1_oracle"] = metrics.f1_optimal_threshold(scores, test.labels)
     except metrics.UndefinedMetricError:
-        result["image_f1_threshold"], result["image_f1"] = math.nan, math.nan
+        result["image_f1_threshold_oracle"], result["image_f1_oracle"] = math.nan, math.nan
     return result
 
 
@@ -710,14 +713,16 @@ class Trainer:
 
 
 MOVABLE_CONFIG_KEYS = ("datapath",)  # recorded in a job's configuration, but the data may move: not compared
+# Settings added to the job configuration later: a checkpoint that does not record one was made with this value.
+CONFIG_DEFAULTS = {"mask_binarize": "release"}
 
 
 def config_difference(saved: dict, wanted: dict) -> str | None:
     """The first setting of two job configurations that differs, or None.
 
     Device settings (gpu, num_workers, cache, paths) are not part of a job's configuration: they may change."""
-    flat_saved = {**saved, **saved.get("net", {})}
-    flat_wanted = {**wanted, **wanted.get("net", {})}
+    flat_saved = {**CONFIG_DEFAULTS, **saved, **saved.get("net", {})}
+    flat_wanted = {**CONFIG_DEFAULTS, **wanted, **wanted.get("net", {})}
     for key in sorted(set(flat_saved) | set(flat_wanted)):
         if key in ("net", *MOVABLE_CONFIG_KEYS):
             continue
@@ -871,7 +876,7 @@ def job_sources(job: Job, encoder: Encoder, settings: RunSettings, device: torch
     train = TrainSet(make(concat, 0), labels, concat.class_indices())
     tests = []
     for part, (name, ds) in enumerate(zip(job.row_names, job.tests), start=1):
-        labels_c, masks = load_masks(ds, device)
+        labels_c, masks = load_masks(ds, device, job.config.get("mask_binarize", CONFIG_DEFAULTS["mask_binarize"]))
         tests.append(ClassTest(name, make(ds, part), labels_c, masks))
     return train, tests
 

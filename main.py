@@ -11,20 +11,16 @@ import sys
 
 if sys.version_info < (3, 10):
     sys.exit(f"error: this project needs Python 3.10 or newer (this is {sys.version.split()[0]})")
-from typing import TYPE_CHECKING
 
 import click
 
 import runstate
 from choices import (ANOMALY_SPLITS, BACKBONE_NAMES, CACHE_MODES, EMPTY_LATENT_MASKS, EXPORT_CALIBRATION_SIZE,
-                     EXPORT_FORMATS, EXPORT_MAX_DROP, EXPORT_PRECISIONS, PANDA_DATASETS, PRECISIONS)
+                     EXPORT_FORMATS, EXPORT_MAX_DROP, EXPORT_PRECISIONS, MASK_BINARIZE, PANDA_DATASETS, PRECISIONS)
 from clitools import CONTEXT, InterspersedCommand, both, given_options, invoke, option_given
 from errors import UserError
 from methods import BACKBONE_STATS, CENTER_METRICS, CLASS_VOTES, CONFIGS, DSC_OPTIMIZERS, NOISE_DEVICES, SETTINGS
 from segment.config import ARCHITECTURES, ENCODER_NAMES, TEXTURE_SOURCES, SegmentConfig
-
-if TYPE_CHECKING:
-    from common import Method
 
 LOG = logging.getLogger("pbas")
 
@@ -152,6 +148,10 @@ def net_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict,
               help="Shorter image side before the center crop (PBAS, MVTec toothbrush/wood: imagesize*8/7).")
 @click.option("--imagesize", type=int, default=288, help="Center-crop size fed to the network.")
 @click.option("--num_workers", type=int, default=4, help="Data-loading worker processes.")
+@click.option("--mask_binarize", type=click.Choice(MASK_BINARIZE), default="release",
+              help="Ground truth of the resized test masks: release = a pixel is a defect only where the antialiased "
+                   "resize left exactly 1 (the releases' astype(int)); half = where it is above 0.5 (a departure; "
+                   "thin defects keep their pixels).")
 @click.pass_context
 def dataset_command(ctx: click.Context, **options: object) -> tuple[str, tuple[dict, dict]]:
     """Dataset NAME (mvtec, visa, mpdd, itdd, mvtec_ad2, btad, folder) at DATAPATH and its loading options."""
@@ -216,13 +216,14 @@ def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str 
     (auto), from the normal training images: image: their max score; pixel: 0.999 quantile of their map pixels.
     """
     import inference
+    import runner
 
     def run_tool(g: dict) -> int:
         opts = inference.PredictOptions(
             checkpoint=checkpoint, model=model, inputs=list(images), output=output, batch_size=batch_size,
             threshold=inference.parse_threshold(threshold, "--threshold"), precision=g["precision"],
             pixel_threshold=inference.parse_threshold(pixel_threshold, "--pixel_threshold"), gpu=g["gpu"][0] if g["gpu"] else None)
-        return inference.predict(opts, checkpoint_method(g))
+        return inference.predict(opts, runner.tool_methods(g["method"], option_given("method")))
 
     return "predict", run_tool
 
@@ -244,9 +245,10 @@ def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int 
     """The whole inference graph of a checkpoint as ONNX with metadata for predict --model: 'images' [B, 3, S, S] ->
     'image_scores' [B], 'anomaly_maps' [B, S, S], 'classes' [B]; an fp32 graph off PyTorch by > 1e-4: exit code 1."""
     import deploy
+    import runner
 
     opts, given = deploy.ExportOptions(checkpoint, output, opset, export_format, **int8), frozenset(given_options(ctx, int8))
-    return "export", lambda g: deploy.export(opts, checkpoint_method(g), given)
+    return "export", lambda g: deploy.export(opts, runner.tool_methods(g["method"], option_given("method")), given)
 
 
 @main.command("report", context_settings=CONTEXT)
@@ -478,13 +480,6 @@ def panda_generate_command(data_path: str, dataset: str, classes: tuple[str, ...
                                      batch_size, checkpoint, step, sampler_steps, empty_latent_masks)
 
     return "panda-generate", run_tool
-
-
-def checkpoint_method(g: dict) -> dict[str, type[Method]]:
-    """The methods a tool may load: the one of the checkpoint, or only --method's when it was given."""
-    from runner import METHODS
-
-    return {g["method"]: METHODS[g["method"]]} if option_given("method") else METHODS
 
 
 def cli(argv: list[str] | None = None) -> int:

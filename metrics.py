@@ -6,6 +6,13 @@ float64 accumulation) and agree with scikit-learn including ties.
 
 Pixel ground truth follows the rule of the authors' released code: a mask
 pixel is anomalous iff ``int(mask) == 1`` (see :func:`pixel_ground_truth`).
+:func:`binarize_masks` applies the chosen rule to resized masks before
+evaluation (``release``: unchanged; ``half``: 1 where the mask is above 0.5).
+
+F1 and IoU come in two kinds: at a threshold fixed before testing
+(:func:`pixel_f1_iou_at`, :func:`f1_at`), and at the threshold that maximises
+F1 on the test set itself (:func:`pixel_f1_iou`, :func:`f1_optimal_threshold`),
+which the results tables name ``*_oracle``.
 
 This module does no file I/O.
 """
@@ -19,6 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from scipy import ndimage
+
+from choices import MASK_BINARIZE
+
+MASK_HALF = 0.5  # the 'half' rule of binarize_masks (choices.MASK_BINARIZE): a defect where mask > 0.5
 
 # Released PRO: number of thresholds, dilation window (cv2 5x5 rect), FPR cut-off.
 PRO_NUM_THRESHOLDS = 200
@@ -124,25 +135,80 @@ def f1_optimal_threshold(scores: Tensor, labels: Tensor) -> tuple[float, float]:
     return float(thresholds[best].item()), float(f1[best].item())
 
 
+def f1_at(scores: Tensor, labels: Tensor, threshold: float) -> float:
+    """F1 = 2 TP / (2 TP + FP + FN) of the decision score > threshold (as segment-predict decides).
+
+    scores, labels: any shape, same numel; labels binary (non-zero = positive). Raises UndefinedMetricError
+    if there is no positive label.
+    """
+    s = scores.reshape(-1)
+    y = labels.reshape(-1).to(s.device) != 0
+    if s.numel() != y.numel():
+        raise ValueError(f"scores ({s.numel()}) and labels ({y.numel()}) differ in size")
+    n_pos = int(y.sum().item())
+    if n_pos == 0:
+        raise UndefinedMetricError("F1 is undefined: no positive label")
+    predicted = s > threshold
+    tp = int((predicted & y).sum().item())
+    fp = int((predicted & ~y).sum().item())
+    return 2.0 * tp / (tp + fp + n_pos)
+
+
+def _f1_iou(threshold: float, f1: float, suffix: str) -> dict[str, float]:
+    """The row entries of the defect class's F1 and IoU (IoU = F1 / (2 - F1) at one threshold)."""
+    return {f"pixel_f1_threshold{suffix}": threshold, f"pixel_f1{suffix}": f1, f"pixel_iou{suffix}": f1 / (2.0 - f1)}
+
+
+def pixel_f1_iou_at(maps: Tensor, masks: Tensor, threshold: float) -> dict[str, float]:
+    """Segmentation quality of the defect class at a threshold fixed before testing, pooled over all pixels.
+
+    maps: [N, H, W] float; masks: [N, H, W] float (ground truth = int(mask) == 1). A pixel is called defective
+    iff its score > threshold. Returns pixel_f1_threshold (= threshold), pixel_f1 and
+    pixel_iou = TP / (TP + FP + FN) = F1 / (2 - F1); F1 and IoU are NaN without a defect pixel.
+    """
+    gt = pixel_ground_truth(masks.to(maps.device))
+    try:
+        f1 = f1_at(maps, gt, threshold)
+    except UndefinedMetricError:
+        f1 = float("nan")
+    return _f1_iou(float(threshold), f1, "")
+
+
 def pixel_f1_iou(maps: Tensor, masks: Tensor) -> dict[str, float]:
-    """Segmentation quality of the defect class at the F1-optimal pixel threshold, pooled over all pixels.
+    """Segmentation quality of the defect class at the F1-optimal pixel threshold of the test set itself
+    (an oracle: the threshold is chosen on the data it is scored on), pooled over all pixels.
 
     maps: [N, H, W] float; masks: [N, H, W] float (ground truth = int(mask) == 1). The threshold t maximises
     F1 = 2 TP / (2 TP + FP + FN) over the distinct scores (anomalous iff score >= t); at t,
-    IoU = TP / (TP + FP + FN) = F1 / (2 - F1). Returns pixel_f1_threshold, pixel_f1, pixel_iou (NaN without
-    a defect pixel).
+    IoU = TP / (TP + FP + FN) = F1 / (2 - F1). Returns pixel_f1_threshold_oracle, pixel_f1_oracle,
+    pixel_iou_oracle (NaN without a defect pixel).
     """
     gt = pixel_ground_truth(masks.to(maps.device))
     try:
         threshold, f1 = f1_optimal_threshold(maps.reshape(-1), gt.reshape(-1))
     except UndefinedMetricError:
-        return {"pixel_f1_threshold": float("nan"), "pixel_f1": float("nan"), "pixel_iou": float("nan")}
-    return {"pixel_f1_threshold": threshold, "pixel_f1": f1, "pixel_iou": f1 / (2.0 - f1)}
+        threshold, f1 = float("nan"), float("nan")
+    return _f1_iou(threshold, f1, "_oracle")
 
 
 # --------------------------------------------------------------------------- #
 # Pixel ground truth and connected components
 # --------------------------------------------------------------------------- #
+def binarize_masks(masks: Tensor, rule: str) -> Tensor:
+    """Resized masks as the evaluation reads them (any shape, values in [0, 1]).
+
+    ``release``: unchanged; pixel_ground_truth then counts a pixel only where the antialiased resize left
+    exactly 1 (the releases' astype(int)), and released PRO keeps the fractional edges in its FPR.
+    ``half``: 1.0 where the mask is above 0.5, else 0.0 (the rule the segmenter trains with), so a thin defect
+    keeps the pixels it mostly covers.
+    """
+    if rule == "release":
+        return masks
+    if rule == "half":
+        return (masks > MASK_HALF).to(masks.dtype)
+    raise ValueError(f"unknown mask rule {rule!r}; valid: {', '.join(MASK_BINARIZE)}")
+
+
 def pixel_ground_truth(masks: Tensor) -> Tensor:
     """Boolean anomaly ground truth, the rule of the released code: int(mask) == 1.
 

@@ -37,7 +37,8 @@ REPORT_NAME = "report.html"
 IMAGES_DIR = "report"
 GALLERY_SIZE = 6  # test images shown per class: up to half false negatives, half false positives
 FRONT_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_pro", "best_epoch")  # the releases'
-MORE_COLUMNS = ("pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "image_f1", "last_image_auroc",
+MORE_COLUMNS = ("pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "image_f1", "pixel_f1_oracle",
+                "pixel_iou_oracle", "image_f1_oracle", "last_image_auroc",
                 "last_pixel_auroc", "last_pixel_pro", "last_epoch")  # behind the toggle; every column: results.csv
 GROUP_HEAD = ("class", "method", "setting", "seed")
 FIGURE_SIZE = (4.0, 3.4)
@@ -97,7 +98,8 @@ def collect(results: str) -> list[JobRun]:
         folder = os.path.relpath(os.path.dirname(path), results)
         log = runs.get(folder, {}).get("log")
         found.append(JobRun(folder, data.get("method", "?"), data.get("setting", "?"), int(data.get("seed", 0)),
-                            data["rows"], _read_csv(os.path.join(results, folder, "scores.csv")),
+                            {name: utils.upgrade_metrics_row(row) for name, row in data["rows"].items()},
+                            _read_csv(os.path.join(results, folder, "scores.csv")),
                             _read_csv(os.path.join(results, log)) if isinstance(log, str) else []))
     return found
 
@@ -215,8 +217,9 @@ def worst(scores: list[dict], threshold: float) -> tuple[list[dict], list[dict]]
     return fn, fp
 
 
-def pick(scores: list[dict], threshold: float) -> tuple[list[Shown], str]:
-    """The gallery of a class and a sentence saying what it shows: the worst errors at ``threshold`` (up to
+def pick(scores: list[dict], threshold: float, which: str = "the F1-optimal image threshold") -> tuple[list[Shown], str]:
+    """The gallery of a class and a sentence saying what it shows: the worst errors at ``threshold`` (``which``
+    says how it was chosen; up to
     GALLERY_SIZE, half of each kind when there are enough), else (no error, or no threshold) the highest- and
     lowest-scoring defective and normal images."""
     fn, fp = worst(scores, threshold) if math.isfinite(threshold) else ([], [])
@@ -225,7 +228,7 @@ def pick(scores: list[dict], threshold: float) -> tuple[list[Shown], str]:
         n_fn = min(len(fn), max(half, GALLERY_SIZE - len(fp)))
         n_fp = min(len(fp), GALLERY_SIZE - n_fn)
         shown = [Shown(r, "false negative") for r in fn[:n_fn]] + [Shown(r, "false positive") for r in fp[:n_fp]]
-        return shown, (f"The worst errors at the F1-optimal image threshold {threshold:.4g}: {n_fn} of {len(fn)} "
+        return shown, (f"The worst errors at {which} {threshold:.4g}: {n_fn} of {len(fn)} "
                        f"false negatives (lowest scores first), {n_fp} of {len(fp)} false positives (highest first).")
     shown: list[Shown] = []
     for label, name in (("1", "defective"), ("0", "normal")):
@@ -233,7 +236,7 @@ def pick(scores: list[dict], threshold: float) -> tuple[list[Shown], str]:
         for row, kind in ((ranked[:1], "highest"), (ranked[-1:], "lowest")):
             if row and all(s.row is not row[0] for s in shown):
                 shown.append(Shown(row[0], f"{kind}-scoring {name}"))
-    why = (f"No error at the F1-optimal image threshold {threshold:.4g}" if math.isfinite(threshold)
+    why = (f"No error at {which} {threshold:.4g}" if math.isfinite(threshold)
            else "No image threshold in the metrics")
     return shown, f"{why}: the highest- and lowest-scoring defective and normal images."
 
@@ -375,8 +378,8 @@ def class_section(results: str, run: JobRun, name: str) -> list[str]:
     parts.append("<div class=row>")
     parts += [_img(_save(fig, results, f"{stem}_{kind}.png"), caption) for kind, fig, caption in curve_figures(labels, scores)]
     parts.append("</div>")
-    threshold = float(run.rows[name].get("image_f1_threshold", math.nan))
-    shown, why = pick(rows, threshold)
+    threshold, which = gallery_threshold(run.rows[name])
+    shown, why = pick(rows, threshold, which)
     readable = [(s, t) for s in shown if (t := _tiles(os.path.join(results, run.folder, s.row["heatmap"]))) is not None]
     parts.append(f"<p>{html.escape(why)}</p>")
     if not readable:
@@ -391,6 +394,15 @@ def class_section(results: str, run: JobRun, name: str) -> list[str]:
     parts.append(f"<p class=note>Full-size heatmaps: {links} (all of them: <code>"
                  f"{html.escape(os.path.join(run.folder, 'heatmaps'))}/</code>).</p>")
     return parts
+
+
+def gallery_threshold(row: dict) -> tuple[float, str]:
+    """The image threshold of a class's galleries and how it was chosen: the one fixed before testing (the
+    segmenter's), else the F1-optimal one of the test set (PBAS/CRAS); NaN when the row has neither."""
+    fixed = float(row.get("image_f1_threshold", math.nan))
+    if not math.isnan(fixed):
+        return fixed, "the image threshold fixed before testing"
+    return float(row.get("image_f1_threshold_oracle", math.nan)), "the test set's F1-optimal threshold (oracle)"
 
 
 def job_section(results: str, run: JobRun) -> str:

@@ -155,6 +155,7 @@ class RunOptions:
     cache: str
     release_weights: str | None
     discard_damaged_state: bool = False  # set a damaged train_state.pt aside and train that job from the start
+    mask_binarize: str = "release"  # ground truth of the resized test masks (metrics.binarize_masks)
 
     @classmethod
     def from_cli(cls, g: dict, net: dict, net_given: dict, data: dict, data_given: dict) -> "RunOptions":
@@ -194,7 +195,7 @@ class RunOptions:
             log_dir=os.path.join(results_path, "logs", g["log_project"], g["log_group"], g["run_name"]),
             precision=g["precision"], cache="off" if config.train_backbone else cache,
             release_weights=None if g["release_weights"] is None else os.path.abspath(g["release_weights"]),
-            discard_damaged_state=g["discard_damaged_state"],
+            discard_damaged_state=g["discard_damaged_state"], mask_binarize=data["mask_binarize"],
         )
 
     def settings(self) -> engine.RunSettings:
@@ -213,6 +214,7 @@ class RunOptions:
             "requested_resize": self.resize,
             "seed": seed,
             "precision": self.precision,
+            "mask_binarize": self.mask_binarize,
         }
 
 
@@ -508,7 +510,8 @@ def rebuild_results(results_path: str) -> None:
                 continue
             group = {k: data[k] for k in utils.GROUP_COLUMNS}
             requested = data.get("requested") if isinstance(data.get("requested"), list) else []
-            rows += [(table_order(name, group, requested), name, row, group) for name, row in data["rows"].items()]
+            rows += [(table_order(name, group, requested), name, utils.upgrade_metrics_row(row), group)
+                     for name, row in data["rows"].items()]
         rows.sort(key=lambda r: r[0])
         rows = [r[1:] for r in rows]
         utils.save_text(utils.results_csv(rows), os.path.join(results_path, SEED_RESULTS_NAME))
@@ -567,6 +570,11 @@ def run(opts: RunOptions) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # the other commands: report, segmentation (segment/), PANDA (panda/)
 # ----------------------------------------------------------------------------------------------
+
+
+def tool_methods(method: str, method_given: bool) -> dict[str, type[Method]]:
+    """The methods predict and export may load: the one of the checkpoint, or only --method's when it was given."""
+    return {method: METHODS[method]} if method_given else METHODS
 
 
 def write_report(results: str) -> int:

@@ -46,9 +46,24 @@ RESULT_COLUMNS = (
     *(f"last_{m}" for m in METRIC_COLUMNS), "last_epoch",  # the last epoch, never selected on test data
     "pixel_aupro", "last_pixel_aupro",  # standard MVTec AUPRO (FPR <= 0.3, no dilation)
     "pixel_aupro_05", "last_pixel_aupro_05",  # the same up to FPR 0.05 (MVTec AD 2's AU-PRO_0.05)
-    "image_f1_threshold", "image_f1",  # F1-optimal image threshold on the test set (best epoch) and its F1
-    "pixel_f1", "pixel_iou", "pixel_f1_threshold",  # the defect class at the F1-optimal pixel threshold (pooled)
+    # at a threshold fixed before testing (segment: its 0.5); empty (NaN) for PBAS/CRAS, whose scores have none
+    "image_f1_threshold", "image_f1",  # the image threshold and the F1 of its decisions
+    "pixel_f1", "pixel_iou", "pixel_f1_threshold",  # the defect class's F1 and IoU (pooled pixels) at the pixel threshold
+    # oracles: the same at the F1-optimal threshold of the test set itself (best epoch), never a headline
+    "image_f1_threshold_oracle", "image_f1_oracle",
+    "pixel_f1_oracle", "pixel_iou_oracle", "pixel_f1_threshold_oracle",
 )
+ORACLE_RENAMED = ("image_f1_threshold", "image_f1", "pixel_f1", "pixel_iou", "pixel_f1_threshold")
+
+
+def upgrade_metrics_row(row: dict) -> dict:
+    """A metrics.json row as this version names it: rows written before the ``*_oracle`` columns held the
+    test-set-optimal F1 figures under the plain names; they move to the oracle names (the plain ones: NaN)."""
+    if "pixel_f1" not in row or "pixel_f1_oracle" in row:
+        return row
+    upgraded = {k: v for k, v in row.items() if k not in ORACLE_RENAMED}
+    upgraded.update({f"{k}_oracle": row[k] for k in ORACLE_RENAMED if k in row})
+    return upgraded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +368,8 @@ def results_csv(rows: Sequence[tuple[str, dict, dict]]) -> str:
     return out.getvalue()
 
 
-SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou",
+SEED_METRICS = (*METRIC_COLUMNS, "pixel_aupro", "pixel_aupro_05", "pixel_f1", "pixel_iou", "image_f1",
+                "pixel_f1_oracle", "pixel_iou_oracle", "image_f1_oracle",
                 *(f"last_{m}" for m in METRIC_COLUMNS), "last_pixel_aupro", "last_pixel_aupro_05")
 SEED_GROUP_COLUMNS = ("method", "setting", "seed")  # seed: the seeds of the row, space-separated ("0", "0 1 2")
 

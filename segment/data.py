@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import datasets
+import metrics
 import utils
 from datasets import AnomalyDataset, DatasetError, Sample
 from datasets.base import GOOD, check_readable, check_test_labels
@@ -27,6 +28,7 @@ from datasets.mvtec import class_dir, test_split
 from datasets.split import split_anomalies
 
 SYNTHETIC_SPLIT = "synthetic"
+TRAIN_MASK_RULE = "half"  # a training mask pixel is a defect where its resized value is above 0.5
 
 
 @dataclass
@@ -150,7 +152,7 @@ class TrainImages(torch.utils.data.ConcatDataset):
 
     def __getitem__(self, index: int) -> dict:
         item = super().__getitem__(index)
-        return {"image": item["image"], "mask": (item["mask"] > 0.5).float()}
+        return {"image": item["image"], "mask": metrics.binarize_masks(item["mask"], TRAIN_MASK_RULE)}
 
 
 def step_batch(data: TrainImages, seed: int, step: int, batch_size: int, anomaly_share: float) -> list[int]:

@@ -8,6 +8,8 @@
 #   EPOCHS     training epochs (default 60)
 #   SETTING    CRAS only: multi (one model for both classes, default) or single
 #   VOTE       CRAS only: batch (the release's test-time class vote, default) or image
+#   MASK_BINARIZE  ground truth of the resized test masks: release (default) or half (dataset --mask_binarize)
+#   DEMO_SIZE  side of the generated images (default 128); they are resized to 128 for the network
 # Extra arguments go to main.py before the subcommands (e.g. --gpu 0 --precision bf16, or --method cras).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,9 +34,9 @@ DEMO_DATA="$(realpath -m "${DEMO_DATA:-$REPO/demo_data}")"
 RESULTS="$(realpath -m "${RESULTS:-$DEFAULT_RESULTS}")"
 cd "$REPO"
 
-python3 -m datasets.synthetic "$DEMO_DATA" --classes texture object --n_train 40 --size 128 --seed 0
+python3 -m datasets.synthetic "$DEMO_DATA" --classes texture object --n_train 40 --size "${DEMO_SIZE:-128}" --seed 0
 python3 main.py "${SEED[@]}" --test ckpt --results_path "$RESULTS" "$@" \
   net -b efficientnet_lite0 -le blocks.2 -le blocks.4 --pretrain_embed_dimension 256 \
       --target_embed_dimension 256 --patchsize 3 --meta_epochs "${EPOCHS:-60}" --eval_epochs 1 --pre_proj 1 "${NET[@]}" \
-  dataset "${DATA[@]}" --batch_size 8 --resize 128 --imagesize 128 --num_workers 0 -d texture -d object mvtec "$DEMO_DATA"
+  dataset "${DATA[@]}" --mask_binarize "${MASK_BINARIZE:-release}" --batch_size 8 --resize 128 --imagesize 128 --num_workers 0 -d texture -d object mvtec "$DEMO_DATA"
 echo "results: $RESULTS/results.csv, heatmaps: $RESULTS/models/$METHOD/*/heatmaps/"

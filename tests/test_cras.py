@@ -30,9 +30,11 @@ def run_cli(results: Path, *args: str, test: str = "ckpt", setting: str = "multi
                      *DATA, "--setting", setting, *args])
 
 
-def read_results(path: Path) -> dict[str, dict[str, float]]:
+def read_results(path: Path) -> dict[str, dict[str, float | None]]:
+    """The table's numbers by row and column; an empty (nan) cell is None, so that equal tables compare equal."""
+    number = lambda v: None if v == "nan" else float(v)
     with open(path) as f:
-        return {row["Row Names"]: {k: float(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS, *utils.SEED_GROUP_COLUMNS)}
+        return {row["Row Names"]: {k: number(v) for k, v in row.items() if k not in ("Row Names", *utils.GROUP_COLUMNS, *utils.SEED_GROUP_COLUMNS)}
                 for row in csv.DictReader(f)}
 
 

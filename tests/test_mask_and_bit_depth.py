@@ -56,3 +56,69 @@ def test_a_12_bit_image_in_a_16_bit_file_is_scaled_as_12_bit(tmp_path: Path, suf
     assert np.asarray(read_rgb(tmp_path / f"unsaid{suffix}"))[0, :, 0].tolist() == [0, 0, 8, 16]  # round(v/257)
     save_16bit(tmp_path / f"above{suffix}", np.array([[0, 100, 2048, 4096]]), 12)  # a value above 12 bits
     assert np.asarray(read_rgb(tmp_path / f"above{suffix}"))[0, :, 0].tolist() == [0, 0, 8, 16]
+
+
+# --mask_binarize: the ground truth of the resized test masks for PBAS/CRAS (metrics.binarize_masks)
+MB_NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "64",
+          "--target_embed_dimension", "64", "--dsc_hidden", "32", "--meta_epochs", "1"]
+MB_DATA = ["dataset", "--batch_size", "4", "--resize", "56", "--imagesize", "48", "--num_workers", "0", "-d", "texture"]
+
+
+def _mask_run(results: Path, root: Path, *data: str, test: str = "ckpt") -> int:
+    import main
+
+    return main.cli(["--gpu", "-1", "--test", test, "--results_path", str(results), *MB_NET, *MB_DATA, *data, "mvtec", str(root)])
+
+
+def _row(results: Path) -> dict:
+    import csv
+
+    with open(results / "results_seeds.csv") as f:
+        return next(csv.DictReader(f))
+
+
+def test_mask_binarize_half_changes_only_the_pixel_ground_truth_and_is_recorded(mvtec_root: Path, tmp_path: Path, capfd):
+    """56 px resized masks have fractional edges: the release rule drops them, the half rule keeps those above
+    0.5. One epoch: the same model and maps either way, so the image metrics agree and the pixel ones differ."""
+    import json
+
+    import torch
+
+    import utils
+
+    release, half = tmp_path / "release", tmp_path / "half"
+    assert _mask_run(release, mvtec_root) == 0  # the default
+    assert _mask_run(half, mvtec_root, "--mask_binarize", "half") == 0
+    a, b = _row(release), _row(half)
+    assert a["image_auroc"] == b["image_auroc"] and a["image_ap"] == b["image_ap"]
+    assert a["pixel_ap"] != b["pixel_ap"] and a["pixel_auroc"] != b["pixel_auroc"]
+    for results, rule in ((release, "release"), (half, "half")):
+        job = json.loads((results / "config.json").read_text())["runs"]["models/pbas/mvtec_texture/seed0"]
+        assert job["config"]["mask_binarize"] == rule
+    ckpt_path = release / "models" / "pbas" / "mvtec_texture" / "seed0" / "checkpoint.pt"
+    assert utils.load_checkpoint(str(ckpt_path))["config"]["mask_binarize"] == "release"
+    capfd.readouterr()
+    # a checkpoint is tested under the rule it was trained (and its epoch selected) with
+    assert _mask_run(release, mvtec_root, "--mask_binarize", "half", test="test") == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "mask_binarize='release' in the checkpoint, 'half' now" in err[0]
+    # a checkpoint written before the option existed was made under the release rule
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["mask_binarize"]
+    utils.save_torch(ckpt, str(ckpt_path))
+    assert _mask_run(release, mvtec_root, test="test") == 0
+    assert _row(release)["pixel_ap"] == a["pixel_ap"]
+
+
+def test_engine_masks_under_each_rule(mvtec_root: Path):
+    import torch
+
+    import datasets
+    import engine
+
+    _, test = datasets.build_datasets("mvtec", str(mvtec_root), "texture", 56, 48)
+    _, resized = engine.load_masks(test, torch.device("cpu"))
+    _, halved = engine.load_masks(test, torch.device("cpu"), "half")
+    fractional = (resized > 0) & (resized < 1)
+    assert fractional.any() and torch.equal(halved, (resized > 0.5).float())
+    assert int(halved.sum()) > int((resized == 1).sum())  # the half rule keeps edge pixels the release rule drops

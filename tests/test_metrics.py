@@ -161,12 +161,57 @@ def test_f1_optimal_threshold_brute_force(device: str, seed: int) -> None:
     assert f1 == pytest.approx(best_f1, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_f1_at_a_fixed_threshold_brute_force(seed: int) -> None:
+    scores, labels = _random_binary_problem(seed, 300, 0.3, 2)
+    for t in (0.2, 0.5, float(scores[5])):  # a threshold equal to a score: that score is not above it
+        pred = scores > t
+        tp, fp = np.sum(pred & (labels == 1)), np.sum(pred & (labels == 0))
+        assert metrics.f1_at(torch.from_numpy(scores), torch.from_numpy(labels), t) == 2 * tp / (2 * tp + fp + (labels.sum() - tp))
+    with pytest.raises(metrics.UndefinedMetricError):
+        metrics.f1_at(torch.tensor([0.9]), torch.tensor([0]), 0.5)
+
+
+def test_pixel_f1_iou_at_a_fixed_threshold_and_the_oracle() -> None:
+    maps = torch.tensor([[[0.9, 0.8, 0.1], [0.7, 0.2, 0.3]]])
+    masks = torch.tensor([[[1.0, 0, 0], [1, 0, 1]]])
+    # > 0.5: TP 2, FP 1, FN 1 -> F1 2/3, IoU 1/2; the oracle (>= 0.3 on the test pixels): F1 6/7, IoU 3/4
+    fixed = metrics.pixel_f1_iou_at(maps, masks, 0.5)
+    assert fixed == {"pixel_f1_threshold": 0.5, "pixel_f1": pytest.approx(2 / 3), "pixel_iou": pytest.approx(1 / 2)}
+    oracle = metrics.pixel_f1_iou(maps, masks)
+    assert oracle == {"pixel_f1_threshold_oracle": pytest.approx(0.3), "pixel_f1_oracle": pytest.approx(6 / 7),
+                      "pixel_iou_oracle": pytest.approx(3 / 4)}
+    assert math.isnan(metrics.pixel_f1_iou_at(maps, torch.zeros_like(masks), 0.5)["pixel_iou"])
+
+
 # --------------------------------------------------------------------------- #
 # Ground truth
 # --------------------------------------------------------------------------- #
 def test_pixel_ground_truth_truncates() -> None:
     masks = torch.tensor([[[0.0, 0.5, 0.999, 1.0]]])
     assert metrics.pixel_ground_truth(masks).tolist() == [[[False, False, False, True]]]
+
+
+def test_binarize_masks_release_keeps_the_resized_mask_and_half_thresholds_it() -> None:
+    masks = torch.tensor([[[0.0, 0.5, 0.51, 0.999, 1.0]]])
+    assert metrics.binarize_masks(masks, "release") is masks  # the released PRO still sees the fractional edges
+    assert metrics.binarize_masks(masks, "half").tolist() == [[[0.0, 0.0, 1.0, 1.0, 1.0]]]
+    with pytest.raises(ValueError, match="unknown mask rule"):
+        metrics.binarize_masks(masks, "third")
+
+
+def test_a_thin_defect_downscaled_keeps_pixels_only_with_the_half_rule() -> None:
+    """A 4 px scratch in a 1024 px mask resized to 256 px by the datasets' mask transform (antialiased bilinear):
+    no pixel stays exactly 1, so the release rule has no defect pixel; the half rule keeps about a 1 px line."""
+    from PIL import Image
+
+    from datasets import mask_transform
+
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[:, 508:512] = 255  # exactly one 256 px column under it
+    masks = mask_transform(256, 256)(Image.fromarray(mask))  # [1, 256, 256]
+    assert not metrics.pixel_ground_truth(metrics.binarize_masks(masks, "release")).any()
+    assert 256 <= int(metrics.pixel_ground_truth(metrics.binarize_masks(masks, "half")).sum()) <= 2 * 256
 
 
 # --------------------------------------------------------------------------- #

@@ -119,10 +119,11 @@ def test_generate_writes_mvtec_layout_pairs_seeded_and_continues(trained: Path, 
     assert (record["sampler_steps"], record["seed"], record["step"]) == (10, 3407, 4)
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     os.unlink(images / "0001.png")  # as if stopped while writing the first batch: it is sampled again, identically
-    mtime = (images / "0002.png").stat().st_mtime_ns
+    stamp = lambda st: (st.st_ino, st.st_mtime_ns)  # an atomic rewrite is a new inode, even within one clock tick
+    kept = stamp((images / "0002.png").stat())
     assert cli(trained, ldm, root, *args, command="panda-generate") == 0
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
-    assert (images / "0002.png").stat().st_mtime_ns == mtime  # the written batch is kept
+    assert stamp((images / "0002.png").stat()) == kept  # the written batch is kept, not written again
     err = main.cli(["--gpu", "-1", "--results_path", str(trained), "panda-generate", "--ldm", str(ldm), "-d", CLASS,
                     "--defect", DEFECT, "--output", str(out), "--pairs", "4", str(root)])
     assert err == 2  # pairs of another generation are not mixed in

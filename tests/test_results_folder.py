@@ -16,6 +16,7 @@ import runner
 import utils
 
 REPO = Path(__file__).resolve().parent.parent
+HANG_LIMIT = 1800  # seconds; only guards against a hang (two trainings side by side on a loaded machine)
 NET = ["net", "-b", "efficientnet_lite0", "-le", "blocks.2", "-le", "blocks.4", "--pretrain_embed_dimension", "32",
        "--target_embed_dimension", "32", "--meta_epochs", "1"]
 DATA = ["dataset", "--batch_size", "4", "--resize", "64", "--imagesize", "64", "--num_workers", "0"]
@@ -50,7 +51,7 @@ def test_concurrent_runs_into_one_folder_keep_both_rows(mvtec_root: Path, tmp_pa
     procs = [subprocess.Popen([sys.executable, str(REPO / "main.py"), *argv(tmp_path, mvtec_root, c)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in ("texture", "object")]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=HANG_LIMIT)
         assert p.returncode == 0, err.decode()[-2000:]
     assert [r["Row Names"] for r in table(tmp_path)] == ["mvtec_object", "mvtec_texture", "Mean"]
     runs = json.loads((tmp_path / "config.json").read_text())["runs"]

@@ -101,37 +101,78 @@ def test_a_training_state_of_another_configuration_is_refused(mvtec_root: Path, 
     assert len(err) == 1 and "interrupted training" in err[0] and "meta_epochs" in err[0]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        assert time.time() < deadline, f"{path} never appeared"
+HANG_LIMIT = 900  # seconds; only guards against a hang: every wait below ends on an event, not on a clock
+
+# main.py in a child process that pauses at a chosen training step and touches BLOCK_READY there: the test then
+# acts on a process known to be at that step, however loaded the machine is. BLOCK_MODE 'stop': wait there for a
+# stop request (the real SIGTERM handler sets it), then go on, so the run saves and exits; 'hold': wait for ever
+# (until SIGKILL).
+CHILD = """
+import os, runpy, sys, time
+import engine, runstate
+block_after, mode, ready = int(os.environ["BLOCK_AFTER"]), os.environ["BLOCK_MODE"], os.environ["BLOCK_READY"]
+taken = [0]
+train_epoch = engine.train_epoch
+def paused(method, optimizers, train, order, limit=-1, done=None, after_step=None):
+    def hook(so_far):
+        taken[0] += 1
+        if taken[0] == block_after:
+            open(ready, "w").close()
+            while mode == "hold" or not runstate.stop_requested():
+                time.sleep(0.01)
+        after_step(so_far)
+    return train_epoch(method, optimizers, train, order, limit, done, hook)
+engine.train_epoch = paused
+sys.argv = ["main.py", *sys.argv[1:]]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first, or after HANG_LIMIT (a hang)."""
+    deadline = time.monotonic() + HANG_LIMIT
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}: "
+                                 f"{proc.communicate()[1].decode()[-2000:]}")
+        assert time.monotonic() < deadline, f"{what}: nothing after {HANG_LIMIT} s (a hang)"
         time.sleep(0.05)
 
 
-def long_argv(results: Path, root: Path, *extra: str) -> list[str]:
+def long_argv(results: Path, root: Path, *extra: str, epochs: int = 25) -> list[str]:
     args = argv("pbas", results, root)
-    args[args.index("--meta_epochs") + 1] = "25"
+    args[args.index("--meta_epochs") + 1] = str(epochs)
     return [sys.executable, str(REPO / "main.py"), *extra, *args]
 
 
+def paused_child(args: list[str], block_after: int, mode: str, ready: Path) -> subprocess.Popen:
+    """long_argv's run in a CHILD that pauses after its ``block_after``-th training step (see CHILD)."""
+    env = {**os.environ, "BLOCK_AFTER": str(block_after), "BLOCK_MODE": mode, "BLOCK_READY": str(ready)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args[2:]], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
 def test_sigterm_saves_and_exits_143_then_kill_9_and_rerun_completes(mvtec_root: Path, tmp_path: Path):
+    """8 images, batch 4: 2 steps per epoch. SIGTERM at epoch 1 step 1; the resumed run finishes epoch 1, saves
+    (the first epoch end of a run always saves), is killed -9 in epoch 2; a third run completes."""
     state = tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME
-    proc = subprocess.Popen(long_argv(tmp_path, mvtec_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(state, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    ready = tmp_path / "ready"
+    proc = paused_child(long_argv(tmp_path, mvtec_root), 3, "stop", ready)
+    wait_until(ready.exists, "training step 3", proc)
+    proc.send_signal(signal.SIGTERM)  # a real signal to the real handler, while the run is inside step 3
+    _, err = proc.communicate(timeout=HANG_LIMIT)
     assert proc.returncode == 143, err.decode()[-2000:]
     assert "interrupted by SIGTERM" in err.decode().strip().splitlines()[-1]
-    epoch = torch.load(state, weights_only=True)["epoch"]
-    proc = subprocess.Popen(long_argv(tmp_path, mvtec_root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while torch.load(state, weights_only=True)["epoch"] <= epoch + 1:  # it resumed and saved again
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    saved = torch.load(state, weights_only=True)
+    assert (saved["epoch"], len(saved["steps"])) == (1, 1)
+    ready.unlink()
+    proc = paused_child(long_argv(tmp_path, mvtec_root), 2, "hold", ready)  # step 2 of this run: epoch 2, step 1
+    wait_until(ready.exists, "the resumed run's second step", proc)
+    resumed = torch.load(state, weights_only=True)
+    assert (resumed["epoch"], len(resumed["steps"])) == (2, 0)  # it resumed epoch 1 (not from the start) and saved
     proc.kill()
-    proc.wait()
-    done = subprocess.run(long_argv(tmp_path, mvtec_root), cwd=REPO, capture_output=True, timeout=300)
+    proc.communicate(timeout=HANG_LIMIT)
+    done = subprocess.run(long_argv(tmp_path, mvtec_root), cwd=REPO, capture_output=True, timeout=HANG_LIMIT)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert (tmp_path / "results.csv").is_file() and not state.exists()
 
@@ -154,16 +195,15 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker processes from /proc (Linux)")
 def test_killed_parent_leaves_no_worker_training(mvtec_root: Path, tmp_path: Path):
-    """--gpu -1 --gpu -2 (two worker processes on the CPU): SIGKILL the parent, the workers stop too."""
-    args = long_argv(tmp_path, mvtec_root, "--gpu", "-1", "--gpu", "-2")
+    """--gpu -1 --gpu -2 (two worker processes on the CPU): SIGKILL the parent, the workers stop too. 1000 epochs:
+    no job can finish (and its worker leave) before the kill, however the two are scheduled."""
+    args = long_argv(tmp_path, mvtec_root, "--gpu", "-1", "--gpu", "-2", epochs=1000)
     args[args.index("-d") + 1: args.index("-d") + 2] = ["texture", "-d", "object"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME, proc)
+    states = [tmp_path / "models" / "pbas" / f"mvtec_{c}" / "seed0" / engine.TRAIN_STATE_NAME for c in ("texture", "object")]
+    wait_until(lambda: all(s.exists() for s in states), "both workers training", proc)  # each saved an epoch
     workers = [c for c in _children(proc.pid) if _alive(c)]
     assert len(workers) >= 2
     proc.kill()
     proc.wait()
-    deadline = time.time() + 60
-    while any(_alive(w) for w in workers):
-        assert time.time() < deadline, "worker processes still running after their parent was killed"
-        time.sleep(0.1)
+    wait_until(lambda: not any(_alive(w) for w in workers), "the workers stopping after their parent was killed")

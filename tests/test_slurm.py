@@ -85,17 +85,53 @@ def test_stopped_task_is_requeued_under_slurm(tmp_path: Path):
     assert calls(tmp_path)[-1] == "scontrol requeue 70_0"
 
 
+HANG_LIMIT = 600  # seconds; only guards against a hang: the waits below end on an event, not on a clock
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first, or after HANG_LIMIT (a hang)."""
+    deadline = time.monotonic() + HANG_LIMIT
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the process ended ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"{what}: nothing after {HANG_LIMIT} s (a hang)"
+        time.sleep(0.05)
+
+
 def test_sigterm_is_passed_on_to_main_py(tmp_path: Path):
     ready = tmp_path / "ready"
     env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_WAIT=str(ready))
     proc = subprocess.Popen(["bash", str(SLURM / "task.sh")], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while not ready.exists():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_until(ready.exists, "the stub waiting", proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    assert proc.wait(timeout=HANG_LIMIT) == 143
     assert calls(tmp_path)[-1] == "TERM"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sigterm_while_main_py_starts_is_passed_on(tmp_path: Path):
+    """SIGTERM to task.sh just after it started main.py, before it noted the child's pid (what a loaded machine
+    can make of SLURM's signal): task.sh passes it on and exits 143; it does not die of it, leaving main.py
+    running. A DEBUG trap (BASH_ENV) sends the signal at that very point, once the stub has started."""
+    hook = tmp_path / "hook.sh"
+    hook.write_text('set -T\ntrap \'if [[ "$BASH_COMMAND" == "child=\\$!" ]]; then '
+                    'while [[ ! -s "$STUB_LOG" ]]; do sleep 0.01; done; kill -TERM $$; fi\' DEBUG\n')
+    env = stub_env(tmp_path, TABLE=str(make_table(tmp_path)), SLURM_ARRAY_TASK_ID="0", STUB_WAIT=str(tmp_path / "ready"),
+                   BASH_ENV=str(hook))
+    proc = subprocess.Popen(["bash", str(SLURM / "task.sh")], env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert proc.wait(timeout=HANG_LIMIT) == 143  # not -15: task.sh itself killed by the signal
+        assert calls(tmp_path)[0].startswith("main.py")  # the stub ran, and ended with the signal
+        wait_until(lambda: not _group_alive(proc.pid), "the stub ending")
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_local_runner_runs_every_task_in_order(tmp_path: Path):
@@ -150,3 +186,24 @@ def test_panda_table_has_every_defect_type_and_its_task_trains_then_generates(tm
     (tmp_path / "calls.log").unlink()
     stopped = subprocess.run(["bash", str(SLURM / "task.sh")], env={**env, "STUB_EXIT": "143"}, capture_output=True)
     assert stopped.returncode == 143 and len(calls(tmp_path)) == 1  # a stopped training does not generate
+
+
+def test_panda_table_of_a_wrong_class_is_one_line_and_an_own_mvtec_class_is_read_from_disk(tmp_path: Path):
+    """A misspelt class is a one-line message, not a Python traceback; a class in MVTec layout that is not one
+    of the 15 official ones gets the defect types panda-train -d CLASS reads (panda.data.defect_types)."""
+    from panda import data as panda_data
+
+    root = tmp_path / "data"
+    for folder in ("good", "Good", "crack", "scratch", ".cache"):
+        (root / "ownclass" / "test" / folder).mkdir(parents=True)
+    bad = subprocess.run(["bash", str(SLURM / "make_table.sh"), "panda", "single", "mvtec", str(root), "3407", "bottel"],
+                         capture_output=True, text=True)
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and bad.stdout == "" and len(err) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "'bottel' is not one of MVTec AD's 15 classes" in err[0] and str(root / "bottel" / "test") in err[0]
+    own = subprocess.run(["bash", str(SLURM / "make_table.sh"), "panda", "single", "mvtec", str(root), "3407", "ownclass bottle"],
+                         capture_output=True, text=True, check=True)
+    lines = [line.split("\t") for line in own.stdout.splitlines()]
+    listed = [l[5].split(":", 1)[1] for l in lines if l[5].startswith("ownclass:")]
+    assert listed == panda_data.defect_types("mvtec", str(root), "ownclass") == ["crack", "scratch"]
+    assert len(lines) == 2 + len(panda_data.MVTEC_DEFECTS["bottle"])  # an official class: its table, no disk needed

@@ -2,8 +2,9 @@
 # Print a sweep table for shell/slurm/task.sh: one line per array task, tab-separated:
 #   METHOD  SETTING  DATASET  DATAPATH  SEED  CLASSES (comma-separated)  [extra main.py options, space-separated]
 # PBAS and CRAS single: one line per class and seed; CRAS multi: one line per seed (all classes, one model);
-# PANDA (panda single): one line per class, defect type and seed, CLASSES = CLASS:DEFECT (MVTec AD: its 73 defect
-# types; BTAD: ko; other datasets: the anomalous folders of DATAPATH/CLASS/test/); it writes SYNTH/panda.
+# PANDA (panda single): one line per class, defect type and seed, CLASSES = CLASS:DEFECT (MVTec AD's 15 classes:
+# their 73 defect types; BTAD: ko; any other class: the anomalous folders of DATAPATH/CLASS/test/, as
+# panda-train -d CLASS reads them); it writes SYNTH/panda.
 # Segmentation stages (README "Segmentation"), one line per class and seed: synth perlin (the baseline synthesis
 # into SYNTH/perlin), segment SOURCE (train + test on SYNTH/SOURCE, e.g. perlin or panda).
 #   bash shell/slurm/make_table.sh synth perlin mvtec /data/mvtec 0 > synth.tsv   (one seed: it writes one folder)
@@ -15,7 +16,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ $# -lt 5 || $# -gt 7 ]]; then
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 method="$1" setting="$2" dataset="$3" datapath="$4" seeds="$5" classes="${6:-}" extra="${7:-}"
@@ -36,24 +37,35 @@ PY
 )" && [[ -n "$classes" ]] || { echo "make_table.sh: unknown dataset '$dataset' or no class list; give its classes as the 6th argument" >&2; exit 2; }
 fi
 datapath="$(realpath -m "$datapath")"
-panda_defects() {  # panda_defects CLASS: its defect types (panda/data.py's MVTec AD table, BTAD ko, else on disk)
+on_disk_defects() {  # on_disk_defects CLASS NORMAL_REGEX: the visible folders of DATAPATH/CLASS/test/ but the normal ones
+  { find "$datapath/$1/test" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' 2>/dev/null || true; } \
+    | { grep -viE "^($2)\$" || true; } | LC_ALL=C sort | tr '\n' ' '
+}
+panda_defects() {  # panda_defects CLASS: its defect types as panda-train -d CLASS reads them (panda/data.py
+  # defect_types): MVTec AD's table for its 15 classes, BTAD ko, else the anomalous folders of DATAPATH/CLASS/test/
   case "$dataset" in
-    mvtec) python3 - "$REPO/panda/data.py" "$1" <<'PY'
+    mvtec) local official
+      official="$(python3 - "$REPO/panda/data.py" "$1" <<'PY'
 import ast, sys
 tree = ast.parse(open(sys.argv[1]).read())
 node = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "MVTEC_DEFECTS")
-print(" ".join(ast.literal_eval(node)[sys.argv[2]]))
+print(" ".join(ast.literal_eval(node).get(sys.argv[2], ())))
 PY
-    ;;
+)"
+      if [[ -n "$official" ]]; then echo "$official"; else on_disk_defects "$1" good; fi ;;
     btad) echo ko ;;
-    *) find "$datapath/$1/test" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' 2>/dev/null \
-         | grep -viE '^(good|normal|ok)$' | sort | tr '\n' ' ' ;;
+    *) on_disk_defects "$1" "good|normal|ok" ;;
   esac
 }
 if [[ "$method" == panda ]]; then
   for seed in $seeds; do
     for c in $classes; do
-      defects="$(panda_defects "$c")" && [[ -n "${defects// /}" ]] || { echo "make_table.sh: no defect types of class '$c' of $dataset" >&2; exit 2; }
+      defects="$(panda_defects "$c")"
+      if [[ -z "${defects// /}" ]]; then
+        [[ "$dataset" == mvtec ]] && what="class '$c' is not one of MVTec AD's 15 classes, and " || what=""
+        echo "make_table.sh: ${what}$datapath/$c/test/ has no defect folder (DEFECT/ beside good/) to read the defect types of class '$c' from" >&2
+        exit 2
+      fi
       for d in $defects; do
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$method" "$setting" "$dataset" "$datapath" "$seed" "$c:$d" "$extra"
       done

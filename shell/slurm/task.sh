@@ -20,16 +20,26 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 IFS=',' read -r -a class_list <<< "$classes"
 echo "task $SLURM_ARRAY_TASK_ID: $method $setting $dataset seed $seed: $classes" >&2
 
+forward() {  # forward SIGNAL: pass it on to the running child, or keep it for the next one
+  if [[ -n "$child" ]]; then kill -"$1" "$child" 2>/dev/null || true; else pending="$1"; fi
+}
+child="" pending=""
+trap 'forward TERM' TERM  # set before any child starts: a signal that comes while one starts is not lost
+trap 'forward INT' INT
 run_forwarding() {  # run CMD, passing SIGTERM/SIGINT on to it; sets rc to its exit code
+  if [[ -n "$pending" ]]; then  # stopped before it started (e.g. between PANDA's train and generate)
+    rc=$((128 + $(kill -l "$pending")))
+    return
+  fi
   "${CMD[@]}" &
   child=$!
-  trap 'kill -TERM "$child" 2>/dev/null' TERM
-  trap 'kill -INT "$child" 2>/dev/null' INT
+  [[ -z "$pending" ]] || kill -"$pending" "$child" 2>/dev/null || true  # came between the start and child=$!
   rc=0
   while true; do  # wait returns early when a trapped signal arrives: wait again for the exit code
     wait "$child" && rc=0 || rc=$?
     kill -0 "$child" 2>/dev/null || break
   done
+  child=""
 }
 
 case "$method" in
