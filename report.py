@@ -402,7 +402,7 @@ def gallery_threshold(row: dict) -> tuple[float, str]:
     fixed = float(row.get("image_f1_threshold", math.nan))
     if not math.isnan(fixed):
         return fixed, "the image threshold fixed before testing"
-    return float(row.get("image_f1_threshold_oracle", math.nan)), "the test set's F1-optimal threshold (oracle)"
+    return float(row.get("image_f1_threshold_oracle", math.nan)), "the F1-optimal threshold on the test set (oracle)"
 
 
 def job_section(results: str, run: JobRun) -> str:
