@@ -153,11 +153,11 @@ def paused_child(args: list[str], block_after: int, mode: str, ready: Path) -> s
 
 
 def test_sigterm_saves_and_exits_143_then_kill_9_and_rerun_completes(mvtec_root: Path, tmp_path: Path):
-    """8 images, batch 4: 2 steps per epoch. SIGTERM at epoch 1 step 1; the resumed run finishes epoch 1, saves
-    (the first epoch end of a run always saves), is killed -9 in epoch 2; a third run completes."""
+    """8 images, batch 4: 2 steps per epoch, 4 epochs. SIGTERM at epoch 1 step 1; the resumed run finishes epoch 1,
+    saves (the first epoch end of a run always saves), is killed -9 in epoch 2; a third run completes."""
     state = tmp_path / "models" / "pbas" / "mvtec_texture" / "seed0" / engine.TRAIN_STATE_NAME
     ready = tmp_path / "ready"
-    proc = paused_child(long_argv(tmp_path, mvtec_root), 3, "stop", ready)
+    proc = paused_child(long_argv(tmp_path, mvtec_root, epochs=4), 3, "stop", ready)
     wait_until(ready.exists, "training step 3", proc)
     proc.send_signal(signal.SIGTERM)  # a real signal to the real handler, while the run is inside step 3
     _, err = proc.communicate(timeout=HANG_LIMIT)
@@ -166,13 +166,13 @@ def test_sigterm_saves_and_exits_143_then_kill_9_and_rerun_completes(mvtec_root:
     saved = torch.load(state, weights_only=True)
     assert (saved["epoch"], len(saved["steps"])) == (1, 1)
     ready.unlink()
-    proc = paused_child(long_argv(tmp_path, mvtec_root), 2, "hold", ready)  # step 2 of this run: epoch 2, step 1
+    proc = paused_child(long_argv(tmp_path, mvtec_root, epochs=4), 2, "hold", ready)  # step 2 of this run: epoch 2, step 1
     wait_until(ready.exists, "the resumed run's second step", proc)
     resumed = torch.load(state, weights_only=True)
     assert (resumed["epoch"], len(resumed["steps"])) == (2, 0)  # it resumed epoch 1 (not from the start) and saved
     proc.kill()
     proc.communicate(timeout=HANG_LIMIT)
-    done = subprocess.run(long_argv(tmp_path, mvtec_root), cwd=REPO, capture_output=True, timeout=HANG_LIMIT)
+    done = subprocess.run(long_argv(tmp_path, mvtec_root, epochs=4), cwd=REPO, capture_output=True, timeout=HANG_LIMIT)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert (tmp_path / "results.csv").is_file() and not state.exists()
 
