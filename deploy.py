@@ -4,7 +4,7 @@ Reading order:
     ExportOptions, export          the tool: check the options, export fp32, quantize for int8, write with metadata
     calibration_images             int8: a fixed, seeded subset of the checkpoint's own normal training images
     quantize_int8                  onnxruntime's static QDQ quantization of the Conv and Gemm nodes
-    validation_quality, within_bound  --validation / --max_drop: image and pixel AUROC of int8 against fp32,
+    validation_sets, validation_quality, within_bound  --validation / --max_drop: image and pixel AUROC of int8 against fp32,
                                    falling back to float32 from the graph's start until the bound is met
 
 Every file carries ``inference.ExportedInfo`` as JSON in its ONNX metadata (method, classes, automatic
@@ -32,6 +32,7 @@ import onnx
 import torch
 
 import datasets
+import engine
 import inference
 import metrics
 import utils
@@ -99,7 +100,7 @@ def export(opts: ExportOptions, methods: dict[str, type[Method]], given: frozens
     size = model.method.config.imagesize
     if opts.precision == "int8":  # the data first: its errors come before the slow part
         images = calibration_images(opts, ckpt, model)
-        sets = None if opts.validation is None else validation_sets(opts.validation, ckpt, model)
+        validation = None if opts.validation is None else validation_sets(opts.validation, ckpt, model)
     data = inference.onnx_bytes(model, opset)
     diff = utils.onnx_difference(data, inference.ExportGraph(model.graph()).eval(), torch.randn(3, 3, size, size))
     if max(diff) > inference.ONNX_TOLERANCE:
@@ -109,7 +110,7 @@ def export(opts: ExportOptions, methods: dict[str, type[Method]], given: frozens
     LOG.info("fp32 graph: max |ONNX - PyTorch| on 3 random images: %.2g (scores), %.2g (maps)", *diff[:2])
     fields = metadata_of(ckpt, model, opts)
     if opts.precision == "int8":
-        data, fields["quality"] = int8_graph(data, images, sets, opts.max_drop)
+        data, fields["quality"] = int8_graph(data, images, validation, opts.max_drop)
         fields["thresholds"], fields["quality"]["threshold_images"] = int8_thresholds(
             run_graph(data, images), model.classes, fields["thresholds"])
     written = with_metadata(data, fields)
@@ -171,12 +172,7 @@ def calibration_images(opts: ExportOptions, ckpt: dict, model: inference.LoadedM
             where = f"its DATAPATH {root} is not there" if root else "it does not record where its training images are"
             raise UserError(f"--precision int8 calibrates on the checkpoint's normal training images, but {where}; "
                             "give --calibration PATH (a folder of normal images)")
-        method = inference.default_methods()[ckpt["method"]]
-        paths = []
-        for classname in config["classes"]:
-            train, _ = datasets.build_datasets(config["dataset"], root, classname, config["requested_resize"],
-                                               model.method.config.imagesize, class_resize_rule=method.class_resize_rule)
-            paths += [s.image_path for s in train.samples]
+        paths = [s.image_path for train, _ in class_datasets(root, ckpt, model) for s in train.samples]
     rng = np.random.default_rng(CALIBRATION_SEED)
     chosen = sorted(rng.choice(len(paths), size=min(opts.calibration_size, len(paths)), replace=False))
     transform = datasets.image_transform(model.resize, model.method.config.imagesize)
@@ -276,23 +272,23 @@ def output_difference(reference: tuple[np.ndarray, ...], got: tuple[np.ndarray, 
             "score_spearman": spearman, "same_class": float(np.mean(reference[2] == got[2]))}
 
 
-def int8_graph(data: bytes, images: np.ndarray, sets: list[datasets.AnomalyDataset] | None, max_drop: float | None
+def int8_graph(data: bytes, images: np.ndarray, validation: Validation | None, max_drop: float | None
                ) -> tuple[bytes, dict]:
-    """The int8 graph and its quality record; with validation ``sets`` the largest quantized part that keeps both
+    """The int8 graph and its quality record; with ``validation`` the largest quantized part that keeps both
     AUROC drops within ``max_drop`` (None: EXPORT_MAX_DROP) points; a UserError when only float32 would."""
     quantized = quantize_int8(data, images)
     quality = {"calibration_images": len(images), "calibration_seed": CALIBRATION_SEED,
                "on_calibration": output_difference(run_graph(data, images), run_graph(quantized, images))}
     LOG.info("int8 vs fp32 on the calibration images: max |diff| %.3g (scores), %.3g (maps), Spearman %.4f, "
              "same class %.3f", *quality["on_calibration"].values())
-    if sets is None:
+    if validation is None:
         return quantized, quality
     bound = EXPORT_MAX_DROP if max_drop is None else max_drop
-    reference = validation_quality(data, sets)
+    reference = validation_quality(data, validation)
     nodes = quantizable_nodes(data)[1:-1]  # the first and last are float32 anyway
     excluded = 0  # layers from the graph's start kept in float32 (the early ones were the most sensitive); one stays int8
     while True:
-        got = validation_quality(quantized, sets)
+        got = validation_quality(quantized, validation)
         drops = {key: 100 * (reference[key] - got[key]) for key in reference}
         if within_bound(drops, bound):
             break
@@ -318,23 +314,39 @@ def within_bound(drops: dict[str, float], bound: float) -> bool:
     return all(drop <= bound + 1e-9 for drop in drops.values())
 
 
-def validation_sets(root: str, ckpt: dict, model: inference.LoadedModel) -> list[datasets.AnomalyDataset]:
-    """The test sets of the checkpoint's classes under --validation ``root`` (its dataset's layout)."""
+def class_datasets(root: str, ckpt: dict, model: inference.LoadedModel
+                   ) -> list[tuple[datasets.AnomalyDataset, datasets.AnomalyDataset]]:
+    """(train, test) of each of the checkpoint's classes under ``root`` (its dataset's layout and preprocessing)."""
     config = ckpt["config"]
     method = inference.default_methods()[ckpt["method"]]
     return [datasets.build_datasets(config["dataset"], root, classname, config["requested_resize"],
-                                    model.method.config.imagesize, class_resize_rule=method.class_resize_rule)[1]
+                                    model.method.config.imagesize, class_resize_rule=method.class_resize_rule)
             for classname in config["classes"]]
 
 
-def validation_quality(data: bytes, sets: list[datasets.AnomalyDataset]) -> dict[str, float]:
-    """Mean over the classes of image and pixel AUROC of an ONNX graph on the test sets."""
+@dataclass(frozen=True)
+class Validation:
+    """--validation: the test sets of the checkpoint's classes and the mask rule (--mask_binarize) it was tested with."""
+
+    sets: list[datasets.AnomalyDataset]
+    mask_rule: str
+
+
+def validation_sets(root: str, ckpt: dict, model: inference.LoadedModel) -> Validation:
+    """The test sets of the checkpoint's classes under --validation ``root``, evaluated with its mask rule."""
+    rule = ckpt["config"].get("mask_binarize", engine.CONFIG_DEFAULTS["mask_binarize"])
+    return Validation([test for _, test in class_datasets(root, ckpt, model)], rule)
+
+
+def validation_quality(data: bytes, validation: Validation) -> dict[str, float]:
+    """Mean over the classes of image and pixel AUROC of an ONNX graph on the test sets (masks binarised by the
+    checkpoint's rule, as training evaluated them)."""
     image, pixel = [], []
-    for test in sets:
+    for test in validation.sets:
         items = [test[i] for i in range(len(test))]
         scores, maps, _ = run_graph(data, np.stack([item["image"].numpy() for item in items]))
         labels = torch.tensor([item["is_anomaly"] for item in items])
-        masks = torch.stack([item["mask"][0] for item in items])  # [N, S, S]
+        masks = metrics.binarize_masks(torch.stack([item["mask"][0] for item in items]), validation.mask_rule)  # [N, S, S]
         image.append(metrics.image_metrics(torch.from_numpy(scores), labels)["image_auroc"])
         pixel.append(metrics.pixel_metrics(torch.from_numpy(maps), masks)["pixel_auroc"])
     return {"image_auroc": float(np.mean(image)), "pixel_auroc": float(np.mean(pixel))}

@@ -53,6 +53,7 @@ from tqdm import tqdm
 import backbones
 import datasets
 import engine
+import methods
 import utils
 from choices import EXPORT_FORMATS, EXPORT_PRECISIONS
 from common import PRECISIONS, Embedder, Method, autocast
@@ -471,11 +472,8 @@ Backend = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def default_methods() -> dict[str, type[Method]]:
-    """The method registry by name (the run machinery's ``runner.METHODS``, which this layer may not import)."""
-    import cras
-    import pbas
-
-    return {pbas.PBAS.name: pbas.PBAS, cras.CRAS.name: cras.CRAS}
+    """The method registry by name (``methods.registry``, as ``runner.METHODS``, which this layer may not import)."""
+    return methods.registry()
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ parsing and ``--help`` stay fast): their configurations with the released defaul
 options, the options each one does not have, and the method-dependent defaults of the dataset options.
 
 The methods themselves (``pbas.PBAS``, ``cras.CRAS``, behind ``common.Method``) need torch; their registry,
-name -> class, is ``runner.METHODS``. A new method adds its configuration to ``CONFIGS`` (and its entries to
-``NOT_FOR`` and ``RESIZE_DEFAULTS``) here and its class to ``runner.METHODS``.
+name -> class, is ``registry()``, which imports them when called. A new method adds its configuration to
+``CONFIGS`` (and its entries to ``NOT_FOR`` and ``RESIZE_DEFAULTS``) and its class to ``registry`` here.
 """
 from __future__ import annotations
 
@@ -98,3 +98,12 @@ NOT_FOR = {
         "setting": "PBAS trains one model per class (CRAS has --setting multi|single)",
     },
 }
+
+
+def registry() -> dict:
+    """--method NAME -> the method class (``common.Method`` subclasses), in CONFIGS' order; imported when called,
+    as they need torch (``runner.METHODS`` and ``inference.default_methods`` are this)."""
+    import cras
+    import pbas
+
+    return {pbas.PBAS.name: pbas.PBAS, cras.CRAS.name: cras.CRAS}

@@ -49,12 +49,13 @@ import pbas
 import runstate
 import utils
 from common import Embedder, Method
+import methods
 from methods import CRAS_SINGLE_BATCH_SIZE, NOT_FOR, RESIZE_DEFAULTS
 from utils import UserError
 
 LOG = logging.getLogger("pbas")
 PANDA_SEED = 3407  # the public code's seed: PANDA's default when the global --seed is not given
-METHODS: dict[str, type[Method]] = {"pbas": pbas.PBAS, "cras": cras.CRAS}  # --method NAME -> the method
+METHODS: dict[str, type[Method]] = methods.registry()  # --method NAME -> the method
 
 
 # ----------------------------------------------------------------------------------------------
