@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 import torch
 
+import deploy
 import inference
 import main
 import runner
@@ -312,3 +313,12 @@ def test_predict_model_refuses_what_does_not_apply(exported: Path, mvtec_root: P
                      str(mvtec_root / "texture" / "test"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and words in err, err
+
+
+def test_validation_evaluates_masks_with_the_checkpoints_rule(trained_checkpoint: Path, mvtec_root: Path):
+    """--validation scores the masks as training did: the checkpoint's --mask_binarize (release when unrecorded)."""
+    model, ckpt = inference.load_model(str(trained_checkpoint), torch.device("cpu"), runner.METHODS)
+    assert deploy.validation_sets(str(mvtec_root), ckpt, model).mask_rule == "release"
+    half = {**ckpt, "config": {**ckpt["config"], "mask_binarize": "half"}}
+    validation = deploy.validation_sets(str(mvtec_root), half, model)
+    assert validation.mask_rule == "half" and len(validation.sets) == len(ckpt["config"]["classes"])
