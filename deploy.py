@@ -1,15 +1,20 @@
-"""The ``main.py export`` tool: a checkpoint's inference graph as an ONNX file that says what it is.
+"""The ``main.py export`` tool: a checkpoint's inference graph as an ONNX or OpenVINO file that says what it is.
 
 Reading order:
     ExportOptions, export          the tool: check the options, export fp32, quantize for int8, write with metadata
-    calibration_images             int8: a fixed, seeded subset of the checkpoint's own normal training images
+    calibration_images             fp16 / int8: a fixed, seeded subset of the checkpoint's own normal training images
     quantize_int8                  onnxruntime's static QDQ quantization of the Conv and Gemm nodes
-    validation_sets, validation_quality, within_bound  --validation / --max_drop: image and pixel AUROC of int8 against fp32,
-                                   falling back to float32 from the graph's start until the bound is met
+    validation_sets, validation_quality, within_bound  --validation / --max_drop: image and pixel AUROC against fp32,
+                                   for int8 falling back to float32 from the graph's start until the bound is met
 
-Every file carries ``inference.ExportedInfo`` as JSON in its ONNX metadata (method, classes, automatic
-thresholds, preprocessing, format, precision, what was measured against fp32, the graph's sha256);
-``main.py predict --model`` and ``inference.load_exported`` read it and refuse files without it.
+Every file carries ``inference.ExportedInfo`` as JSON in its metadata (ONNX ``metadata_props``; OpenVINO: the
+xml's ``rt_info``, openvino_ir.py): method, classes, automatic thresholds, preprocessing, format, precision,
+what was measured against fp32, the graph's sha256. ``main.py predict --model`` and ``inference.load_exported``
+read it and refuse files without it.
+
+Formats: ``onnx`` (onnxruntime) and ``openvino`` (an IR pair NAME.xml + NAME.bin converted from the same ONNX
+graph, run by OpenVINO on the CPU in float32; fp16 stores the weights in float16). Everything export measures
+(the int8 fallback, thresholds, the quality record) is measured with the runtime of the file's format.
 
 INT8 (``--precision int8``): post-training static quantization (onnxruntime ``quantize_static``, QDQ format,
 per-channel 7-bit-range int8 weights, uint8 activations, MinMax calibration) of the Conv (backbone)
@@ -25,7 +30,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -44,7 +49,8 @@ LOG = logging.getLogger("pbas")
 CALIBRATION_SEED = 0  # the subset of the calibration images is drawn with this seed: the same file every time
 QUANTIZED_OPS = ("Conv", "Gemm")  # MatMul (CRAS's center search) stays float32
 CALIBRATION_BATCH = 8
-INT8_ONLY = ("calibration", "calibration_size", "max_drop", "validation")  # options refused at fp32
+REDUCED_ONLY = ("calibration", "calibration_size", "max_drop", "validation")  # options refused at fp32
+Runtime = Callable[[bytes, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]  # ONNX graph, images -> outputs
 
 
 @dataclass
@@ -73,8 +79,18 @@ def _check_options(opts: ExportOptions, given: set[str]) -> int:
         raise UserError(f"--format {opts.format}: this version writes {', '.join(inference.EXPORT_FORMATS)}")
     if opts.precision not in inference.EXPORT_PRECISIONS:
         raise UserError(f"--precision {opts.precision}: valid: {', '.join(inference.EXPORT_PRECISIONS)}")
-    if opts.precision == "fp32" and given & set(INT8_ONLY):
-        raise UserError(f"--{sorted(given & set(INT8_ONLY))[0]} applies to --precision int8 only")
+    if opts.precision == "fp32" and given & set(REDUCED_ONLY):
+        raise UserError(f"--{sorted(given & set(REDUCED_ONLY))[0]} applies to --precision fp16 and int8 only")
+    if opts.precision == "fp16" and opts.format != "openvino":
+        raise UserError("--precision fp16 is written for --format openvino only: onnxruntime's CPU provider has no "
+                        "float16 kernels for most of this graph on x86 (it would convert back to float32)")
+    if opts.format == "openvino":
+        import openvino_ir
+
+        openvino_ir.core()  # a one-line error now when openvino is not installed
+        if not opts.output.endswith(openvino_ir.XML):
+            raise UserError(f"--output {opts.output}: --format openvino writes a pair of files; give the name of the "
+                            f"{openvino_ir.XML} file (its {openvino_ir.BIN} is written beside it)")
     if opts.calibration_size < 1:
         raise UserError(f"--calibration_size must be at least 1, got {opts.calibration_size}")
     if opts.max_drop is not None:
@@ -86,19 +102,19 @@ def _check_options(opts: ExportOptions, given: set[str]) -> int:
         if path is not None and not os.path.exists(path):
             raise UserError(f"{option} {path} does not exist")
     if os.path.isdir(opts.output):
-        raise UserError(f"--output {opts.output} is a folder; give a file name such as model.onnx")
+        raise UserError(f"--output {opts.output} is a folder; give a file name such as model.onnx or model.xml")
     utils.check_writable_folder(os.path.dirname(os.path.abspath(opts.output)), "the folder of --output")
     return opset
 
 
 def export(opts: ExportOptions, methods: dict[str, type[Method]], given: frozenset[str] = frozenset()) -> int:
     """Export the checkpoint to ``opts.output`` (atomic write). ``given``: the option names given on the command
-    line (int8-only options are refused at fp32). 0 when written; 1 when the fp32 graph disagrees with PyTorch
-    (nothing written); a UserError when --max_drop cannot be met (nothing written)."""
+    line (fp16/int8-only options are refused at fp32). 0 when written; 1 when the fp32 graph disagrees with
+    PyTorch (nothing written); a UserError when --max_drop cannot be met (nothing written)."""
     opset = _check_options(opts, set(given))
     model, ckpt = inference.load_model(opts.checkpoint, torch.device("cpu"), methods, "fp32")
     size = model.method.config.imagesize
-    if opts.precision == "int8":  # the data first: its errors come before the slow part
+    if opts.precision != "fp32":  # the data first: its errors come before the slow part
         images = calibration_images(opts, ckpt, model)
         validation = None if opts.validation is None else validation_sets(opts.validation, ckpt, model)
     data = inference.onnx_bytes(model, opset)
@@ -109,15 +125,34 @@ def export(opts: ExportOptions, methods: dict[str, type[Method]], given: frozens
         return 1
     LOG.info("fp32 graph: max |ONNX - PyTorch| on 3 random images: %.2g (scores), %.2g (maps)", *diff[:2])
     fields = metadata_of(ckpt, model, opts)
-    if opts.precision == "int8":
-        data, fields["quality"] = int8_graph(data, images, validation, opts.max_drop)
-        fields["thresholds"], fields["quality"]["threshold_images"] = int8_thresholds(
-            run_graph(data, images), model.classes, fields["thresholds"])
-    written = with_metadata(data, fields)
-    utils.save_bytes(written, opts.output)
+    if opts.precision != "fp32":
+        run = runtime_of(opts.format, opts.precision)
+        if opts.precision == "int8":
+            data, fields["quality"] = int8_graph(data, images, validation, opts.max_drop, run)
+        else:
+            fields["quality"] = reduced_quality(data, data, images, validation, opts.max_drop, run, "fp16")
+        fields["thresholds"], fields["quality"]["threshold_images"] = calibrated_thresholds(
+            run(data, images), model.classes, fields["thresholds"])
+    if opts.format == "openvino":
+        import openvino_ir
+
+        written = openvino_ir.write(data, fields, opts.output)
+    else:
+        written = len(onnx_file := with_metadata(data, fields))
+        utils.save_bytes(onnx_file, opts.output)
     LOG.info("wrote %s (%.1f MB, %s %s, opset %d): images [B, 3, %d, %d] -> image_scores [B], anomaly_maps [B, %d, %d], "
-             "classes [B]", opts.output, len(written) / 1e6, opts.format, opts.precision, opset, size, size, size, size)
+             "classes [B]", opts.output, written / 1e6, opts.format, opts.precision, opset, size, size, size, size)
     return 0
+
+
+def runtime_of(file_format: str, precision: str) -> Runtime:
+    """How a file of ``file_format`` at ``precision`` runs an ONNX graph: onnxruntime's CPU provider, or
+    OpenVINO on the CPU (fp16: with the weights in float16, as written)."""
+    if file_format == "openvino":
+        import openvino_ir
+
+        return lambda data, images: openvino_ir.run(data, images, fp16=precision == "fp16")
+    return run_graph
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +161,7 @@ def export(opts: ExportOptions, methods: dict[str, type[Method]], given: frozens
 
 
 def metadata_of(ckpt: dict, model: inference.LoadedModel, opts: ExportOptions) -> dict:
-    """The metadata fields except the graph digest (set by with_metadata); at int8, export replaces the
+    """The metadata fields except the graph digest (set when written); at fp16 / int8, export replaces the
     thresholds and quality."""
     try:
         thresholds = inference.resolve_thresholds(ckpt, None, None, opts.checkpoint)
@@ -161,7 +196,7 @@ def with_metadata(data: bytes, fields: dict) -> bytes:
 
 
 def calibration_images(opts: ExportOptions, ckpt: dict, model: inference.LoadedModel) -> np.ndarray:
-    """The calibration batch float32 [N, 3, S, S]: a seeded subset (``--calibration_size``) of --calibration's
+    """fp16 / int8: the calibration batch float32 [N, 3, S, S]: a seeded subset (``--calibration_size``) of --calibration's
     images, or of the checkpoint's normal training images (its recorded DATAPATH), preprocessed as in training."""
     config = ckpt["config"]
     if opts.calibration is not None:
@@ -170,7 +205,7 @@ def calibration_images(opts: ExportOptions, ckpt: dict, model: inference.LoadedM
         root = config.get("datapath")
         if not root or not os.path.isdir(root):
             where = f"its DATAPATH {root} is not there" if root else "it does not record where its training images are"
-            raise UserError(f"--precision int8 calibrates on the checkpoint's normal training images, but {where}; "
+            raise UserError(f"--precision {opts.precision} calibrates on the checkpoint's normal training images, but {where}; "
                             "give --calibration PATH (a folder of normal images)")
         paths = [s.image_path for train, _ in class_datasets(root, ckpt, model) for s in train.samples]
     rng = np.random.default_rng(CALIBRATION_SEED)
@@ -182,7 +217,8 @@ def calibration_images(opts: ExportOptions, ckpt: dict, model: inference.LoadedM
             images.append(transform(datasets.read_rgb(paths[index])).numpy())
         except datasets.IMAGE_READ_ERRORS as exc:
             raise UserError(f"calibration image {paths[index]} cannot be read ({type(exc).__name__})") from exc
-    LOG.info("int8 calibration on %d of %d normal image(s) (seed %d)", len(images), len(paths), CALIBRATION_SEED)
+    LOG.info("%s calibration on %d of %d normal image(s) (seed %d)", opts.precision, len(images), len(paths),
+             CALIBRATION_SEED)
     return np.stack(images)
 
 
@@ -244,9 +280,10 @@ def run_graph(data: bytes, images: np.ndarray, batch: int = CALIBRATION_BATCH
     return tuple(np.concatenate([o[k] for o in outs]) for k in range(len(inference.ONNX_OUTPUTS)))
 
 
-def int8_thresholds(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
-                    fp32: dict[str, tuple[float, float]] | None) -> tuple[dict[str, tuple[float, float]] | None, dict]:
-    """The automatic-threshold rule applied to the int8 graph's outputs on the calibration images, per class that
+def calibrated_thresholds(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], classes: list[str],
+                          fp32: dict[str, tuple[float, float]] | None
+                          ) -> tuple[dict[str, tuple[float, float]] | None, dict]:
+    """The automatic-threshold rule applied to the fp16 / int8 file's outputs on the calibration images, per class that
     the graph assigns them to: (image: max score, pixel: 0.999 quantile of the map pixels). A class no calibration
     image falls into keeps its fp32 thresholds. -> (thresholds, {class: images used})."""
     if fp32 is None:
@@ -262,7 +299,7 @@ def int8_thresholds(outputs: tuple[np.ndarray, np.ndarray, np.ndarray], classes:
 
 
 def output_difference(reference: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...]) -> dict:
-    """How far int8 outputs lie from fp32's: max |diff| of scores and maps, Spearman correlation of the scores."""
+    """How far fp16 / int8 outputs lie from fp32's: max |diff| of scores and maps, Spearman correlation of the scores."""
     import scipy.stats
 
     varies = len(got[0]) > 1 and np.ptp(got[0]) > 0 and np.ptp(reference[0]) > 0
@@ -272,23 +309,49 @@ def output_difference(reference: tuple[np.ndarray, ...], got: tuple[np.ndarray, 
             "score_spearman": spearman, "same_class": float(np.mean(reference[2] == got[2]))}
 
 
-def int8_graph(data: bytes, images: np.ndarray, validation: Validation | None, max_drop: float | None
-               ) -> tuple[bytes, dict]:
-    """The int8 graph and its quality record; with ``validation`` the largest quantized part that keeps both
-    AUROC drops within ``max_drop`` (None: EXPORT_MAX_DROP) points; a UserError when only float32 would."""
-    quantized = quantize_int8(data, images)
+def reduced_quality(data: bytes, graph: bytes, images: np.ndarray, validation: Validation | None,
+                    max_drop: float | None, run: Runtime, precision: str,
+                    measured: tuple[dict, dict] | None = None) -> dict:
+    """The quality record of ``graph`` run by ``run`` (the file's runtime and precision) against the fp32 graph
+    ``data`` (onnxruntime): on the calibration images, and with ``validation`` its AUROC drops, which must lie
+    within ``max_drop`` (None: EXPORT_MAX_DROP) points (a UserError otherwise: nothing is written). int8_graph
+    falls back to float32 layer by layer before it gets here with a failing bound; fp16 has no such fallback.
+    ``measured``: (fp32, graph) AUROCs on ``validation`` already measured."""
     quality = {"calibration_images": len(images), "calibration_seed": CALIBRATION_SEED,
-               "on_calibration": output_difference(run_graph(data, images), run_graph(quantized, images))}
-    LOG.info("int8 vs fp32 on the calibration images: max |diff| %.3g (scores), %.3g (maps), Spearman %.4f, "
-             "same class %.3f", *quality["on_calibration"].values())
+               "on_calibration": output_difference(run_graph(data, images), run(graph, images))}
+    LOG.info("%s vs fp32 on the calibration images: max |diff| %.3g (scores), %.3g (maps), Spearman %.4f, "
+             "same class %.3f", precision, *quality["on_calibration"].values())
     if validation is None:
-        return quantized, quality
+        return quality
     bound = EXPORT_MAX_DROP if max_drop is None else max_drop
-    reference = validation_quality(data, validation)
+    reference, got = measured or (validation_quality(data, validation, run_graph), validation_quality(graph, validation, run))
+    drops = {key: 100 * (reference[key] - got[key]) for key in reference}
+    if not within_bound(drops, bound):
+        raise UserError(f"{precision} cannot meet --max_drop {bound:g}: image AUROC {100 * reference['image_auroc']:.2f} "
+                        f"(fp32) -> {100 * got['image_auroc']:.2f} ({precision}), pixel AUROC "
+                        f"{100 * reference['pixel_auroc']:.2f} -> {100 * got['pixel_auroc']:.2f}; nothing written")
+    quality.update({"validation_fp32": reference, f"validation_{precision}": got, "drop_points": drops,
+                    "max_drop": bound})
+    LOG.info("%s on --validation: image AUROC %.4f (fp32 %.4f), pixel AUROC %.4f (fp32 %.4f)", precision,
+             got["image_auroc"], reference["image_auroc"], got["pixel_auroc"], reference["pixel_auroc"])
+    return quality
+
+
+def int8_graph(data: bytes, images: np.ndarray, validation: Validation | None, max_drop: float | None,
+               run: Runtime | None = None) -> tuple[bytes, dict]:
+    """The int8 graph and its quality record (run by ``run``; None: onnxruntime); with ``validation`` the largest
+    quantized part that keeps both AUROC drops within ``max_drop`` (None: EXPORT_MAX_DROP) points, falling back
+    to float32 from the graph's start; a UserError when only float32 would."""
+    run = run or run_graph
+    quantized = quantize_int8(data, images)
+    if validation is None:
+        return quantized, reduced_quality(data, quantized, images, None, None, run, "int8")
+    bound = EXPORT_MAX_DROP if max_drop is None else max_drop
+    reference = validation_quality(data, validation, run_graph)
     nodes = quantizable_nodes(data)[1:-1]  # the first and last are float32 anyway
     excluded = 0  # layers from the graph's start kept in float32 (the early ones were the most sensitive); one stays int8
     while True:
-        got = validation_quality(quantized, validation)
+        got = validation_quality(quantized, validation, run)
         drops = {key: 100 * (reference[key] - got[key]) for key in reference}
         if within_bound(drops, bound):
             break
@@ -301,11 +364,9 @@ def int8_graph(data: bytes, images: np.ndarray, validation: Validation | None, m
         LOG.info("drop %s above %g: %d of %d layers back to float32 (from the graph's start)",
                  {k: round(v, 3) for k, v in drops.items()}, bound, excluded, len(nodes))
         quantized = quantize_int8(data, images, nodes[:excluded])
-    quality.update({"validation_fp32": reference, "validation_int8": got, "drop_points": drops, "max_drop": bound,
-                    "float32_layers": excluded, "quantizable_layers": len(nodes)})
-    LOG.info("int8 on --validation: image AUROC %.4f (fp32 %.4f), pixel AUROC %.4f (fp32 %.4f); %d of %d layers "
-             "kept in float32", got["image_auroc"], reference["image_auroc"], got["pixel_auroc"],
-             reference["pixel_auroc"], excluded, len(nodes))
+    quality = reduced_quality(data, quantized, images, validation, bound, run, "int8", (reference, got))
+    quality.update({"float32_layers": excluded, "quantizable_layers": len(nodes)})
+    LOG.info("int8: %d of %d layers kept in float32", excluded, len(nodes))
     return quantized, quality
 
 
@@ -338,13 +399,13 @@ def validation_sets(root: str, ckpt: dict, model: inference.LoadedModel) -> Vali
     return Validation([test for _, test in class_datasets(root, ckpt, model)], rule)
 
 
-def validation_quality(data: bytes, validation: Validation) -> dict[str, float]:
-    """Mean over the classes of image and pixel AUROC of an ONNX graph on the test sets (masks binarised by the
-    checkpoint's rule, as training evaluated them)."""
+def validation_quality(data: bytes, validation: Validation, run: Runtime) -> dict[str, float]:
+    """Mean over the classes of image and pixel AUROC of an ONNX graph run by ``run`` on the test sets (masks
+    binarised by the checkpoint's rule, as training evaluated them)."""
     image, pixel = [], []
     for test in validation.sets:
         items = [test[i] for i in range(len(test))]
-        scores, maps, _ = run_graph(data, np.stack([item["image"].numpy() for item in items]))
+        scores, maps, _ = run(data, np.stack([item["image"].numpy() for item in items]))
         labels = torch.tensor([item["is_anomaly"] for item in items])
         masks = metrics.binarize_masks(torch.stack([item["mask"][0] for item in items]), validation.mask_rule)  # [N, S, S]
         image.append(metrics.image_metrics(torch.from_numpy(scores), labels)["image_auroc"])

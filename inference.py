@@ -602,19 +602,21 @@ def graph_digest(proto: onnx.ModelProto) -> str:
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _bad(path: str, why: str) -> UserError:
+def exported_error(path: str, why: str) -> UserError:
+    """The one-line refusal of an exported file ``path`` that is unusable because of ``why``."""
     return UserError(f"--model {path}: {why}; export it again with main.py export")
 
 
-def _check_info(values: object, path: str) -> ExportedInfo:
-    """The metadata dict -> ExportedInfo; a one-line UserError naming the first missing or malformed field."""
+def check_exported_info(values: object, path: str, file_format: str) -> ExportedInfo:
+    """The metadata dict of a ``file_format`` file -> ExportedInfo; a one-line UserError naming the first missing
+    or malformed field."""
     if not isinstance(values, dict):
-        raise _bad(path, "its export metadata is not a JSON object")
+        raise exported_error(path, "its export metadata is not a JSON object")
     missing = [name for name in METADATA_FIELDS if name not in values]
     if missing:
-        raise _bad(path, f"its export metadata lacks {', '.join(missing)}")
+        raise exported_error(path, f"its export metadata lacks {', '.join(missing)}")
     if values["version"] != METADATA_VERSION:
-        raise _bad(path, f"its export metadata is version {values['version']!r}; this version reads {METADATA_VERSION}")
+        raise exported_error(path, f"its export metadata is version {values['version']!r}; this version reads {METADATA_VERSION}")
     info = ExportedInfo(**{name: values[name] for name in METADATA_FIELDS})
     classes, thresholds = info.classes, info.thresholds
     checks = [
@@ -627,13 +629,13 @@ def _check_info(values: object, path: str) -> ExportedInfo:
          "no image size"),
         (info.mean == list(datasets.IMAGENET_MEAN) and info.std == list(datasets.IMAGENET_STD),
          "a normalisation other than ImageNet's, which this version does not apply"),
-        (info.format in EXPORT_FORMATS, f"unknown format {info.format!r}"),
+        (info.format == file_format, f"format {info.format!r}, but it is an {file_format} file"),
         (info.precision in EXPORT_PRECISIONS, f"unknown precision {info.precision!r}"),
         (isinstance(info.quality, dict), "no quality record"),
     ]
     for ok, why in checks:
         if not ok:
-            raise _bad(path, f"its export metadata has {why}")
+            raise exported_error(path, f"its export metadata has {why}")
     return info
 
 
@@ -661,20 +663,20 @@ def read_exported(path: str) -> tuple[bytes, ExportedInfo]:
         raise UserError(f"--model {path} is not an ONNX model (no graph)")
     props = {entry.key: entry.value for entry in proto.metadata_props}
     if METADATA_KEY not in props:
-        raise _bad(path, "it holds no export metadata of this project (another tool's or an older export)")
+        raise exported_error(path, "it holds no export metadata of this project (another tool's or an older export)")
     try:
         values = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
-        raise _bad(path, f"its export metadata is not JSON ({exc.msg})") from exc
-    info = _check_info(values, path)
+        raise exported_error(path, f"its export metadata is not JSON ({exc.msg})") from exc
+    info = check_exported_info(values, path, "onnx")
     if graph_digest(proto) != info.graph_sha256:
-        raise _bad(path, "its graph is not the one exported (the file was changed after export)")
+        raise exported_error(path, "its graph is not the one exported (the file was changed after export)")
     inputs = [(i.name, _dims(i)) for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if len(inputs) != 1 or inputs[0][0] != ONNX_INPUTS[0] or inputs[0][1][1:] != [3, info.imagesize, info.imagesize]:
-        raise _bad(path, f"its input {inputs} is not images [B, 3, {info.imagesize}, {info.imagesize}] as its metadata says")
+        raise exported_error(path, f"its input {inputs} is not images [B, 3, {info.imagesize}, {info.imagesize}] as its metadata says")
     if outputs != list(ONNX_OUTPUTS):
-        raise _bad(path, f"its outputs {outputs} are not {list(ONNX_OUTPUTS)}")
+        raise exported_error(path, f"its outputs {outputs} are not {list(ONNX_OUTPUTS)}")
     return data, info
 
 
@@ -707,12 +709,21 @@ class OrtBackend:
 def load_exported(path: str, device: str | torch.device = "cpu", threshold: float | None = None,
                   pixel_threshold: float | None = None) -> Scorer:
     """A file written by ``main.py export`` -> the Scorer of ``load``: preprocessing, classes and thresholds from
-    its metadata, scored by onnxruntime (the CUDA provider for a GPU device)."""
+    its metadata. An ONNX file is scored by onnxruntime (the CUDA provider for a GPU device), an OpenVINO one
+    (its .xml) by OpenVINO on the CPU."""
     device = torch.device(device)
-    data, info = read_exported(path)
+    if path.endswith((".xml", ".bin")):
+        import openvino_ir
+
+        model, info = openvino_ir.read(path)
+        if device.type != "cpu":
+            LOG.info("%s is an OpenVINO file: it runs on the CPU", path)
+        backend: Backend = openvino_ir.OvBackend(model)
+    else:
+        data, info = read_exported(path)
+        backend = OrtBackend(data, device)
     thresholds = exported_thresholds(info, threshold, pixel_threshold, path)
-    return Scorer(OrtBackend(data, device), info.classes, thresholds, info.resize, info.imagesize, torch.device("cpu"),
-                  info)
+    return Scorer(backend, info.classes, thresholds, info.resize, info.imagesize, torch.device("cpu"), info)
 
 
 # ----------------------------------------------------------------------------------------------

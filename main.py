@@ -67,7 +67,7 @@ def main(**_: object) -> None:
     Commands (each runs alone, except net and dataset, which chain: both in one command line):
       net ... dataset ...  train and test PBAS or CRAS: `net` takes the network and training options,
                            `dataset` the data options, NAME and DATAPATH
-      predict, export      score images with a trained PBAS/CRAS checkpoint; export it to ONNX
+      predict, export      score images with a trained PBAS/CRAS checkpoint; export it (ONNX, OpenVINO)
       report               write report.html for a results folder
       panda-train, panda-generate   PANDA: one model per (class, defect); image + mask pairs generated with them
       segment, synth-baseline, segment-predict, segment-export   a segmenter trained on synthetic anomalies
@@ -198,7 +198,7 @@ PIXEL_THRESHOLD_HELP = ("'auto': the 0.999 quantile of all anomaly-map pixel sco
 @main.command("predict", cls=InterspersedCommand, context_settings=CONTEXT)
 @click.argument("images", nargs=-1, required=True, type=str)
 @click.option("--checkpoint", type=str, default=None, help="checkpoint.pt written by training (RESULTS/models/METHOD/JOB/seedN/).")
-@click.option("--model", type=str, default=None, help="Or a file written by export (thresholds, preprocessing from its metadata).")
+@click.option("--model", type=str, default=None, help="Or a file written by export: NAME.onnx or NAME.xml (thresholds, preprocessing from its metadata).")
 @click.option("--output", required=True, type=str, help="Output folder: predictions.csv, *_overlay.png, *_mask.png.")
 @click.option("--threshold", type=str, default="auto", help=f"Image threshold. {THRESHOLD_HELP}")
 @click.option("--pixel_threshold", type=str, default="auto", help=f"Pixel threshold of the masks. {PIXEL_THRESHOLD_HELP}")
@@ -230,19 +230,21 @@ def predict_command(images: tuple[str, ...], checkpoint: str | None, model: str 
 
 @main.command("export", context_settings=CONTEXT)
 @click.option("--checkpoint", required=True, type=str, help="checkpoint.pt written by training.")
-@click.option("--output", required=True, type=str, help="ONNX file to write (atomically).")
+@click.option("--output", required=True, type=str, help="file to write (atomically): NAME.onnx, or for openvino NAME.xml (+ NAME.bin).")
 @click.option("--opset", type=int, default=None, show_default="the exporter's native opset", help="ONNX opset version.")
-@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True,
+              help="onnx (onnxruntime) or openvino (an IR pair, run by OpenVINO on the CPU).")
 @click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp32", show_default=True,
-              help="int8: static QDQ quantization of the Conv and Gemm layers (onnxruntime).")
-@click.option("--calibration", type=str, help="int8: normal images to calibrate on  [default: the checkpoint's training images]")
-@click.option("--calibration_size", type=int, default=EXPORT_CALIBRATION_SIZE, show_default=True, help="int8: a seeded subset.")
-@click.option("--validation", type=str, help="int8: a dataset root (the checkpoint's layout); its test sets measure the drop.")
+              help="int8: static QDQ quantization of the Conv and Gemm layers (onnxruntime's quantizer); "
+                   "fp16: float16 weights (openvino only).")
+@click.option("--calibration", type=str, help="fp16/int8: normal images to calibrate on  [default: the checkpoint's training images]")
+@click.option("--calibration_size", type=int, default=EXPORT_CALIBRATION_SIZE, show_default=True, help="fp16/int8: a seeded subset.")
+@click.option("--validation", type=str, help="fp16/int8: a dataset root (the checkpoint's layout); its test sets measure the drop.")
 @click.option("--max_drop", type=float, show_default=f"{EXPORT_MAX_DROP} with --validation",
-              help="int8: largest image/pixel AUROC drop (points); layers fall back to fp32 until it holds, else nothing is written.")
+              help="fp16/int8: largest image/pixel AUROC drop (points); int8 layers fall back to fp32 until it holds, else nothing is written.")
 @click.pass_context
 def export_command(ctx: click.Context, checkpoint: str, output: str, opset: int | None, export_format: str, **int8: object) -> tuple[str, object]:
-    """The whole inference graph of a checkpoint as ONNX with metadata for predict --model: 'images' [B, 3, S, S] ->
+    """The whole inference graph of a checkpoint as ONNX or OpenVINO IR with metadata for predict --model: 'images' [B, 3, S, S] ->
     'image_scores' [B], 'anomaly_maps' [B, S, S], 'classes' [B]; an fp32 graph off PyTorch by > 1e-4: exit code 1."""
     import deploy
     import runner

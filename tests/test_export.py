@@ -221,7 +221,9 @@ def test_max_drop_refuses_what_int8_cannot_meet(trained_checkpoint: Path, mvtec_
 
 
 @pytest.mark.parametrize("args,words", [
-    (("--calibration", "x"), "--calibration applies to --precision int8 only"),
+    (("--calibration", "x"), "--calibration applies to --precision fp16 and int8 only"),
+    (("--precision", "fp16"), "--precision fp16 is written for --format openvino only"),
+    (("--format", "openvino"), "give the name of the .xml file"),
     (("--precision", "int8", "--max_drop", "1"), "--max_drop needs --validation"),
     (("--precision", "int8", "--calibration_size", "0"), "--calibration_size must be at least 1"),
     (("--precision", "int8", "--calibration", "no/such"), "--calibration no/such does not exist"),
@@ -322,3 +324,155 @@ def test_validation_evaluates_masks_with_the_checkpoints_rule(trained_checkpoint
     half = {**ckpt, "config": {**ckpt["config"], "mask_binarize": "half"}}
     validation = deploy.validation_sets(str(mvtec_root), half, model)
     assert validation.mask_rule == "half" and len(validation.sets) == len(ckpt["config"]["classes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# --format openvino
+# ----------------------------------------------------------------------------------------------
+
+
+def read_ir(path: Path):
+    import openvino_ir
+
+    return openvino_ir.read(str(path))
+
+
+@pytest.mark.parametrize("which", ["pbas", "cras"])
+def test_openvino_files_predict_as_onnx_at_every_precision(which: str, trained_checkpoint: Path, cras_checkpoint: Path,
+                                                           mvtec_root: Path, tmp_path: Path, fast_export):
+    """fp32 IR gives the ONNX file's decisions and scores (1e-4); fp16 stores half the weight bytes and stays close;
+    int8 (the QDQ graph, FakeQuantize in OpenVINO) correlates as the ONNX int8 file does. CRAS: the multi-class model."""
+    checkpoint = trained_checkpoint if which == "pbas" else cras_checkpoint
+    onnx_fp32 = tmp_path / "fp32.onnx"
+    assert export_cli(checkpoint, onnx_fp32) == 0
+    files = {precision: tmp_path / f"{precision}.xml" for precision in ("fp32", "fp16", "int8")}
+    for precision, path in files.items():
+        assert export_cli(checkpoint, path, "--format", "openvino", "--precision", precision) == 0
+        model, info = read_ir(path)
+        assert (info.format, info.precision, info.method) == ("openvino", precision, which)
+        assert path.with_suffix(".bin").is_file() and not list(tmp_path.glob(".tmp-*"))
+    ops = {precision: {op.get_type_name() for op in read_ir(path)[0].get_ordered_ops()} for precision, path in files.items()}
+    assert "FakeQuantize" in ops["int8"] and "FakeQuantize" not in ops["fp32"]
+    fp16_bytes, fp32_bytes = (files[p].with_suffix(".bin").stat().st_size for p in ("fp16", "fp32"))
+    assert 0.45 < fp16_bytes / fp32_bytes < 0.55, (fp16_bytes, fp32_bytes)
+    assert read_ir(files["fp32"])[1].thresholds == metadata(onnx_fp32)["thresholds"]  # fp32: the checkpoint's
+
+    folder = tmp_path / "test"  # both classes' test images in one folder
+    folder.mkdir()
+    for source in sorted(mvtec_root.glob("*/test/*/*.png")):
+        (folder / f"{source.parts[-4]}_{source.parent.name}_{source.name}").write_bytes(source.read_bytes())
+    want = predict_rows(tmp_path / "onnx", "--model", str(onnx_fp32), str(folder))
+    got = {p: predict_rows(tmp_path / p, "--model", str(path), str(folder)) for p, path in files.items()}
+    paths = sorted(want)
+    assert {want[p]["decision"] for p in paths} == {"normal", "anomalous"}
+    for p in paths:
+        assert got["fp32"][p]["decision"] == want[p]["decision"] and got["fp32"][p]["class"] == want[p]["class"]
+        assert float(got["fp32"][p]["image_score"]) == pytest.approx(float(want[p]["image_score"]), abs=SCORE_ATOL)
+        assert float(got["fp16"][p]["image_score"]) == pytest.approx(float(want[p]["image_score"]), abs=1e-2)
+    scores = {k: [float(rows[p]["image_score"]) for p in paths] for k, rows in (("onnx", want), *got.items())}
+    assert spearman(scores["onnx"], scores["fp16"]) >= 0.99
+    assert spearman(scores["onnx"], scores["int8"]) >= MIN_SPEARMAN[which], spearman(scores["onnx"], scores["int8"])
+    image = folder / paths[-1].rsplit("/", 1)[-1]
+    a, b = inference.load_exported(str(files["fp32"]))(image), inference.load_exported(str(onnx_fp32))(image)
+    assert a.decision == b.decision and a.score == pytest.approx(b.score, abs=SCORE_ATOL)
+    np.testing.assert_allclose(a.map, b.map, atol=SCORE_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def exported_ir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, fp32_graphs: dict) -> Path:
+    path = tmp_path_factory.mktemp("ir") / "model.xml"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inference, "onnx_bytes", lambda model, opset=inference.ONNX_OPSET: fp32_graphs[
+            (model.method.name, tuple(model.classes), opset)])
+        assert export_cli(trained_checkpoint, path, "--format", "openvino") == 0
+    return path
+
+
+def tampered_ir(exported_ir: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of the IR pair changed as ``how`` says -> the path to give --model."""
+    import openvino
+
+    xml, weights = exported_ir.read_text(), exported_ir.with_suffix(".bin").read_bytes()
+    target = tmp_path / "model.xml"
+    if how == "weights":  # one float changed in the middle of the weights
+        middle = len(weights) // 2 // 4 * 4
+        weights = weights[:middle] + np.float32(123.0).tobytes() + weights[middle + 4:]
+    elif how == "graph":  # an attribute of one layer changed in the xml: the first ReLU6 clips at 5
+        assert '<data min="0" max="6" />' in xml
+        xml = xml.replace('<data min="0" max="6" />', '<data min="0" max="5" />', 1)
+    elif how == "no metadata":
+        model = openvino.Core().read_model(str(exported_ir))
+        openvino.save_model(openvino.Model(model.outputs, model.get_parameters()), str(target))
+        return target
+    elif how == "no bin":
+        target.write_text(xml)
+        return target
+    elif how == "bin given":
+        target = target.with_suffix(".bin")
+    target.with_suffix(".xml").write_text(xml)
+    target.with_suffix(".bin").write_bytes(weights)
+    return target
+
+
+@pytest.mark.parametrize("how,words", [
+    ("weights", "changed after export"),
+    ("graph", "changed after export"),
+    ("no metadata", "holds no export metadata"),
+    ("no bin", "model.bin does not exist"),
+    ("bin given", "given by its .xml file"),
+    ("pickle", "is not a readable OpenVINO IR file"),
+])
+def test_predict_refuses_an_openvino_file_that_is_not_what_it_says(how: str, words: str, exported_ir: Path,
+                                                                   mvtec_root: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture):
+    if how == "pickle":
+        import pickle
+
+        Pickled.MARKER = str(tmp_path / "code_ran")
+        path = tmp_path / "model.xml"
+        path.write_bytes(pickle.dumps(Pickled()))
+        path.with_suffix(".bin").write_bytes(pickle.dumps(Pickled()))
+    else:
+        path = tampered_ir(exported_ir, tmp_path, how)
+    capsys.readouterr()
+    code = main.cli(["--gpu", "-1", "predict", "--model", str(path), str(mvtec_root / "texture" / "test"),
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --model") and "\n" not in err and words in err, err
+    assert not (tmp_path / "code_ran").exists() and not (tmp_path / "out").exists()
+
+
+def test_openvino_export_measures_with_openvino_and_refuses_a_lost_bound(trained_checkpoint: Path, mvtec_root: Path,
+                                                                        tmp_path: Path, fast_export,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture):
+    """--validation measures the file with the runtime of its format; an fp16 file that loses more than --max_drop
+    (forced: constant scores and maps from the OpenVINO runtime) is refused in one line and nothing is written."""
+    import openvino_ir
+
+    real, calls = openvino_ir.run, []
+
+    def spy(data, images, fp16=False):
+        calls.append(fp16)
+        return real(data, images, fp16)
+
+    monkeypatch.setattr(openvino_ir, "run", spy)
+    good = tmp_path / "good.xml"
+    assert export_cli(trained_checkpoint, good, "--format", "openvino", "--precision", "fp16",
+                      "--validation", str(mvtec_root), "--max_drop", "100") == 0
+    quality = read_ir(good)[1].quality
+    assert calls and all(calls) and quality["max_drop"] == 100
+    assert set(quality["validation_fp16"]) == {"image_auroc", "pixel_auroc"}
+
+    def constant(data, images, fp16=False):
+        scores, maps, classes = real(data, images, fp16)
+        return np.zeros_like(scores), np.zeros_like(maps), classes
+
+    monkeypatch.setattr(openvino_ir, "run", constant)
+    bad = tmp_path / "bad.xml"
+    capsys.readouterr()
+    assert export_cli(trained_checkpoint, bad, "--format", "openvino", "--precision", "fp16",
+                      "--validation", str(mvtec_root), "--max_drop", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fp16 cannot meet --max_drop 0") and "\n" not in err and "(fp32) ->" in err, err
+    assert not bad.exists() and not bad.with_suffix(".bin").exists()
