@@ -1,4 +1,5 @@
-"""Inference speed of PBAS or CRAS: the PyTorch path (per --precisions) and the exported ONNX graph (onnxruntime).
+"""Inference speed of PBAS or CRAS: the PyTorch path (per --precisions), the exported ONNX graph (onnxruntime)
+and its OpenVINO IR (OpenVINO, CPU).
 
 Times ``inference.InferenceGraph`` (images -> image scores + anomaly maps: backbone, patch embedding,
 projector, discriminator, upsampling, smoothing; CRAS also the class vote and the nearest-center search in
@@ -13,6 +14,9 @@ placed on the CPU provider (found by a profiled run) are named in the table's no
 The int8 rows (``--onnx_precisions``) time ``deploy.quantize_int8`` of the same fp32 graph (what ``main.py export
 --precision int8`` writes), calibrated on ``--calibration_images`` random images, on the CPU provider; the header
 names the CPU's integer ISA (AMX, AVX-512 VNNI, AVX-VNNI, AVX-512, AVX2), on which int8 speed depends.
+The OpenVINO rows (``--openvino_precisions``) run what ``export --format openvino`` writes from the same graphs
+(fp32; fp16 weights; int8: the QDQ graph above), compiled as ``predict --model NAME.xml`` compiles them
+(float32 inference precision, openvino_ir.py) with as many threads as PyTorch uses.
 
 The method is built as ``inference.load_model`` builds a checkpoint's, with randomly initialised projector
 and discriminator (their weights do not change the speed). CRAS scores with the per-image class vote
@@ -93,10 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10, help="timed calls per row (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, centers and images (default: %(default)s)")
-    p.add_argument("--no_onnx", action="store_true", help="skip the ONNX export and the onnxruntime rows")
-    p.add_argument("--onnx_precisions", nargs="+", default=["fp32", "int8"], choices=list(EXPORT_PRECISIONS),
+    p.add_argument("--no_onnx", action="store_true", help="skip the ONNX export, the onnxruntime and the OpenVINO rows")
+    p.add_argument("--onnx_precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"],
                    help="onnxruntime rows: the fp32 export and/or its int8 quantization as export writes it, "
                         "always on the CPU provider (default: %(default)s)")
+    p.add_argument("--openvino_precisions", nargs="*", default=["fp32", "fp16", "int8"], choices=list(EXPORT_PRECISIONS),
+                   help="OpenVINO rows (CPU), as export --format openvino writes them; none: no OpenVINO rows "
+                        "(default: %(default)s)")
     p.add_argument("--calibration_images", type=int, default=8,
                    help="int8: random images to calibrate on (the speed does not depend on them; default: %(default)s)")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
@@ -251,17 +258,37 @@ def onnx_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[Row]
             images = torch.randn(batch, 3, args.imagesize, args.imagesize, device=run_on)
             rows.append(Row(label, "fp32", batch, time_calls(ort_call(session, images), args.iters, args.warmup, run_on)))
             print(f"{label} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
-    if "int8" in args.onnx_precisions:
+    int8 = None
+    if "int8" in args.onnx_precisions or "int8" in args.openvino_precisions:
         generator = torch.Generator().manual_seed(args.seed)
         calibration = torch.randn(args.calibration_images, 3, args.imagesize, args.imagesize, generator=generator)
         int8 = deploy.quantize_int8(data, calibration.numpy())
+    if "int8" in args.onnx_precisions:
         session, label, _ = onnx_session(int8, torch.device("cpu"), args.imagesize)
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, args.imagesize, args.imagesize)
             rows.append(Row(label, "int8 (QDQ)", batch, time_calls(ort_call(session, images), args.iters, args.warmup,
                                                                    torch.device("cpu"))))
             print(f"{label} int8 batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
+    for precision in args.openvino_precisions:
+        rows += openvino_rows(args, int8 if precision == "int8" else data, precision)
     return rows, note
+
+
+def openvino_rows(args: argparse.Namespace, data: bytes, precision: str) -> list[Row]:
+    """The IR that export --format openvino writes from ``data`` at ``precision``, compiled as predict compiles it."""
+    import openvino_ir
+
+    compiled = openvino_ir.compile_model(openvino_ir.model_from_onnx(data, precision == "fp16"), torch.get_num_threads())
+    rows = []
+    for batch in args.batch_sizes:
+        images = np.random.default_rng(args.seed).standard_normal((batch, 3, args.imagesize, args.imagesize),
+                                                                  dtype=np.float32)
+        seconds = time_calls(lambda x=images: openvino_ir.outputs_of(compiled, x), args.iters, args.warmup,
+                             torch.device("cpu"))
+        rows.append(Row("OpenVINO CPU", precision + (" (QDQ)" if precision == "int8" else ""), batch, seconds))
+        print(f"OpenVINO {precision} batch {batch}: {rows[-1].median_ms:.1f} ms", file=sys.stderr)
+    return rows
 
 
 def cpu_isa() -> str:

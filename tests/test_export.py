@@ -476,3 +476,19 @@ def test_openvino_export_measures_with_openvino_and_refuses_a_lost_bound(trained
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: fp16 cannot meet --max_drop 0") and "\n" not in err and "(fp32) ->" in err, err
     assert not bad.exists() and not bad.with_suffix(".bin").exists()
+
+
+def test_bench_infer_times_the_openvino_files_as_predict_runs_them(exported: Path, fp32_graphs: dict):
+    """benchmarks/bench_infer.py's OpenVINO rows: one per precision and batch size, on the file export writes."""
+    from test_gpu_paths import benchmark
+
+    bench = benchmark("bench_infer")
+    args = bench.parse_args(["--imagesize", str(IMAGESIZE), "--iters", "2", "--warmup", "0", "--batch_sizes", "1", "3"])
+    data = next(iter(fp32_graphs.values()))
+    int8 = deploy.quantize_int8(data, np.random.default_rng(0).standard_normal((4, 3, IMAGESIZE, IMAGESIZE), dtype=np.float32))
+    rows = [row for p in ("fp32", "fp16", "int8") for row in bench.openvino_rows(args, int8 if p == "int8" else data, p)]
+    assert [(r.engine, r.precision, r.batch) for r in rows] == [
+        ("OpenVINO CPU", p, b) for p in ("fp32", "fp16", "int8 (QDQ)") for b in (1, 3)]
+    assert all(len(r.seconds) == 2 and min(r.seconds) > 0 for r in rows)
+    table = bench.markdown(args, torch.device("cpu"), rows, "")
+    assert "| OpenVINO CPU | int8 (QDQ) | 3 |" in table and bench.cpu_isa() in table
