@@ -59,20 +59,40 @@ class FeatureExtractor(torch.nn.Module):
 def patch_vectors(features: torch.Tensor, patchsize: int) -> torch.Tensor:
     """Every location's patchsize x patchsize neighbourhood (zero padded), flattened in (channel, row, column) order.
 
+    The values of ``F.unfold(features, patchsize, padding=(patchsize - 1) // 2)``, built from p*p shifted slices of
+    the padded map: the same copies without unfold's index arithmetic, which the ONNX exporter writes as Gather
+    ops that took about 10 % of an exported WideResNet50 graph's time (docs/deployment.md).
+
     [B, C, H, W] -> [B, C*p*p, H, W]
     """
     b, c, h, w = features.shape
-    padding = (patchsize - 1) // 2
-    unfolded = F.unfold(features, kernel_size=patchsize, padding=padding, stride=1)  # [B, C*p*p, H*W]
-    return unfolded.reshape(b, c * patchsize * patchsize, h, w)
+    pad = (patchsize - 1) // 2
+    padded = F.pad(features, (pad, pad, pad, pad))  # [B, C, H + 2 pad, W + 2 pad]
+    shifts = [padded[:, :, i:i + h, j:j + w] for i in range(patchsize) for j in range(patchsize)]
+    return torch.stack(shifts, dim=2).reshape(b, c * patchsize * patchsize, h, w)  # [B, C, p*p, H, W] -> [B, C*p*p, H, W]
 
 
 def pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """1-D adaptive average pooling over the channel axis of a map: [B, K, H, W] -> [B, dim, H, W]."""
+    """1-D adaptive average pooling over the channel axis of a map: [B, K, H, W] -> [B, dim, H, W].
+
+    When ``dim`` divides K, every output averages K / dim consecutive channels: a mean over a reshaped axis,
+    with no transposes of the K-channel map (the release's shapes: 1536 of 512*9 and 1024*9). Otherwise
+    F.adaptive_avg_pool1d's overlapping bins over the channels of each location.
+    """
     b, k, h, w = x.shape
+    if k % dim == 0:
+        return x.reshape(b, dim, k // dim, h, w).mean(2)
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, k)  # [B*H*W, 1, K]
     pooled = F.adaptive_avg_pool1d(rows, dim)  # [B*H*W, 1, dim]
     return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+def pool_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D adaptive average pooling of each row: [N, K] -> [N, dim] (a mean over K / dim columns when dim divides K)."""
+    rows, k = x.shape
+    if k % dim == 0:
+        return x.reshape(rows, dim, k // dim).mean(2)
+    return F.adaptive_avg_pool1d(x.reshape(rows, 1, k), dim).reshape(rows, dim)
 
 
 class PatchEmbedder(torch.nn.Module):
@@ -99,10 +119,8 @@ class PatchEmbedder(torch.nn.Module):
             if tuple(x.shape[-2:]) != grid:
                 x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)  # [B, pretrain_dim, H, W]
             per_layer.append(x.permute(0, 2, 3, 1).reshape(-1, self.pretrain_dim))  # [B*H*W, pretrain_dim]
-        stacked = torch.stack(per_layer, dim=1)  # [B*H*W, L, pretrain_dim]
-        rows = stacked.shape[0]  # not len(): that would freeze the batch size in an exported (ONNX) graph
-        merged = F.adaptive_avg_pool1d(stacked.reshape(rows, 1, -1), self.target_dim)  # [B*H*W, 1, target_dim]
-        return merged.reshape(rows, self.target_dim), grid
+        stacked = torch.cat(per_layer, dim=1)  # [B*H*W, L*pretrain_dim], layer by layer
+        return pool_rows(stacked, self.target_dim), grid  # [B*H*W, target_dim]
 
 
 def _gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:

@@ -30,6 +30,25 @@ def test_golden_embedding():
     torch.testing.assert_close(out, g["embedding"], atol=ATOL, rtol=0)
 
 
+def test_patch_aggregation_equals_unfold_and_adaptive_pooling():
+    """The slices-and-means formulation (common.py) gives F.unfold's values exactly and F.adaptive_avg_pool1d's
+    to float rounding, for dimensions that divide the channel count and for ones that do not (overlapping bins)."""
+    import torch.nn.functional as F
+
+    from common import patch_vectors, pool_channels, pool_rows
+
+    x = torch.randn(2, 10, 5, 7, generator=torch.Generator().manual_seed(0))
+    for p in (1, 3, 5):
+        want = F.unfold(x, kernel_size=p, padding=(p - 1) // 2).reshape(2, 10 * p * p, 5, 7)
+        assert torch.equal(patch_vectors(x, p), want)
+    vectors = patch_vectors(x, 3)  # [2, 90, 5, 7]
+    for dim in (30, 45, 90, 64, 7):
+        rows = vectors.permute(0, 2, 3, 1).reshape(-1, 1, 90)
+        want = F.adaptive_avg_pool1d(rows, dim).reshape(2, 5, 7, dim).permute(0, 3, 1, 2)
+        torch.testing.assert_close(pool_channels(vectors, dim), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pool_rows(rows[:, 0], dim), want.permute(0, 2, 3, 1).reshape(-1, dim), atol=1e-6, rtol=0)
+
+
 def test_golden_center_initialization():
     g = golden("center")
     center = pbas.initialize_center((b.mean(0) for b in g["projected_batches"]), "cosine")
