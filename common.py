@@ -87,6 +87,30 @@ def pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
     return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
 
 
+def patch_features(features: torch.Tensor, patchsize: int, dim: int) -> torch.Tensor:
+    """``pool_channels(patch_vectors(features, patchsize), dim)``: each location's pooled neighbourhood.
+
+    When every pooling bin holds whole kernel rows (dim divides C*p*p and p divides the bin size: 1536 of WideResNet50's
+    512*9 and 1024*9), each output is a mean of row means of the neighbourhood: one horizontal box mean of the
+    padded map and p vertical shifts of it ([B, C, p, H, W], a third of the p*p copies), equal to the general path
+    up to float rounding (tests/test_golden.py). Otherwise the general path.
+
+    [B, C, H, W] -> [B, dim, H, W]
+    """
+    b, c, h, w = features.shape
+    k = c * patchsize * patchsize
+    group = k // dim if k % dim == 0 else 0  # channels of the patch vector per output
+    if not group or group % patchsize:
+        return pool_channels(patch_vectors(features, patchsize), dim)
+    pad = (patchsize - 1) // 2
+    padded = F.pad(features, (pad, pad, pad, pad))  # [B, C, H + 2 pad, W + 2 pad]
+    row_sum = padded[..., 0:w]
+    for j in range(1, patchsize):
+        row_sum = row_sum + padded[..., j:j + w]  # [B, C, H + 2 pad, W]
+    rows = torch.stack([row_sum[:, :, i:i + h] for i in range(patchsize)], dim=2)  # [B, C, p, H, W]: (channel, row) order
+    return rows.reshape(b, dim, group // patchsize, h, w).mean(2) / patchsize  # [B, dim, H, W]
+
+
 def pool_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     """1-D adaptive average pooling of each row: [N, K] -> [N, dim] (a mean over K / dim columns when dim divides K)."""
     rows, k = x.shape
@@ -115,7 +139,7 @@ class PatchEmbedder(torch.nn.Module):
         grid = tuple(feature_maps[0].shape[-2:])
         per_layer = []
         for fmap in feature_maps:
-            x = pool_channels(patch_vectors(fmap, self.patchsize), self.pretrain_dim)  # [B, pretrain_dim, h, w]
+            x = patch_features(fmap, self.patchsize, self.pretrain_dim)  # [B, pretrain_dim, h, w]
             if tuple(x.shape[-2:]) != grid:
                 x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)  # [B, pretrain_dim, H, W]
             per_layer.append(x.permute(0, 2, 3, 1).reshape(-1, self.pretrain_dim))  # [B*H*W, pretrain_dim]

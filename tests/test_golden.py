@@ -35,7 +35,7 @@ def test_patch_aggregation_equals_unfold_and_adaptive_pooling():
     to float rounding, for dimensions that divide the channel count and for ones that do not (overlapping bins)."""
     import torch.nn.functional as F
 
-    from common import patch_vectors, pool_channels, pool_rows
+    from common import patch_features, patch_vectors, pool_channels, pool_rows
 
     x = torch.randn(2, 10, 5, 7, generator=torch.Generator().manual_seed(0))
     for p in (1, 3, 5):
@@ -47,6 +47,11 @@ def test_patch_aggregation_equals_unfold_and_adaptive_pooling():
         want = F.adaptive_avg_pool1d(rows, dim).reshape(2, 5, 7, dim).permute(0, 3, 1, 2)
         torch.testing.assert_close(pool_channels(vectors, dim), want, atol=1e-6, rtol=0)
         torch.testing.assert_close(pool_rows(rows[:, 0], dim), want.permute(0, 2, 3, 1).reshape(-1, dim), atol=1e-6, rtol=0)
+    for p, c, dim in ((3, 10, 30), (3, 10, 15), (3, 10, 45), (1, 10, 5), (5, 4, 20), (3, 10, 64), (3, 8, 12)):
+        # bins of 3 or 6 channels (whole kernel rows: the row-mean path), of 2, of 5x5 rows, overlapping, and 6 of 72
+        x = torch.randn(2, c, 6, 5, generator=torch.Generator().manual_seed(p + c + dim))
+        want = pool_channels(F.unfold(x, kernel_size=p, padding=(p - 1) // 2).reshape(2, c * p * p, 6, 5), dim)
+        torch.testing.assert_close(patch_features(x, p, dim), want, atol=1e-6, rtol=0)
 
 
 def test_golden_center_initialization():
