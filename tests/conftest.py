@@ -96,6 +96,42 @@ def dataset_error(call, *args) -> str:
     return message
 
 
+# Every training run ends by writing RESULTS/report.html; rasterising its matplotlib figures took about half of a tiny
+# run's time. Only the files that check the report (REPORT_CHECKED) get its figures drawn; elsewhere the report is
+# still built in full (results read, table, sections, every figure laid out) and written, with its figures' PNGs left
+# out. Runs in child processes (tests/test_resume.py, tests/test_results_folder.py, ...) write complete reports.
+REPORT_CHECKED = ("test_report.py", "test_segment.py")
+_DRAW_FIGURES = {"on": False}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _report_figures_drawn_where_checked():
+    """report._save draws and writes a figure only while a REPORT_CHECKED file runs."""
+    import os
+
+    import report
+
+    real = report._save
+
+    def save(fig, results: str, name: str, tight: bool = True) -> str:
+        if _DRAW_FIGURES["on"]:
+            return real(fig, results, name, tight)
+        return os.path.join(report.IMAGES_DIR, name)  # the link report.html carries; no PNG
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(report, "_save", save)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _draw_report_figures(request: pytest.FixtureRequest):
+    """Before the module's own fixtures (autouse first): figures on for the REPORT_CHECKED files."""
+    _DRAW_FIGURES["on"] = request.path.name in REPORT_CHECKED
+    yield
+    _DRAW_FIGURES["on"] = False
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (-n 2) every worker process gets one torch thread: two workers share the two cores."""
     import os
