@@ -28,7 +28,6 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 import utils
 from utils import UserError
@@ -136,17 +135,53 @@ def _save(fig: Figure, results: str, name: str, tight: bool = True) -> str:
     return relative
 
 
+def _ranked_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (true, false) positive counts at each distinct score, scores descending: ([D], [D]) float64."""
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    ranked, positive = scores[order], (labels[order] != 0).astype(np.float64)
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]  # the last index of each tie group
+    tps = np.cumsum(positive)[ends]
+    return tps, ends + 1.0 - tps
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) of the ROC curve from (0, 0), without the points that lie on
+    a straight line between their neighbours (as sklearn.metrics.roc_curve draws it). Both classes present."""
+    tps, fps = _ranked_counts(labels, scores)
+    if tps.size > 2:
+        corners = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        tps, fps = tps[corners], fps[corners]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def pr_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of the precision-recall curve, recall decreasing to (1, 0) (sklearn's
+    precision_recall_curve). At least one positive label."""
+    tps, fps = _ranked_counts(labels, scores)
+    return np.r_[(tps / (tps + fps))[::-1], 1.0], np.r_[(tps / tps[-1])[::-1], 0.0]
+
+
+def curve_areas(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(ROC area, average precision) with ties as metrics.py (and scikit-learn) count them."""
+    tps, fps = _ranked_counts(labels, scores)
+    t, f = np.r_[0.0, tps], np.r_[0.0, fps]
+    auroc = float(np.sum(np.diff(f) * (t[1:] + t[:-1])) / (2 * tps[-1] * fps[-1]))
+    return auroc, float(np.sum(np.diff(t) * (tps / (tps + fps))) / tps[-1])
+
+
 def curve_figures(labels: np.ndarray, scores: np.ndarray) -> list[tuple[str, Figure, str]]:
     """(name, figure, caption) of the image-level ROC and precision-recall curves, each with its area in the
     legend and the axes padded so that a perfect curve stays visible; [] when the labels lack a class."""
     if len(set(labels.tolist())) < 2:
         return []
-    fpr, tpr, _ = roc_curve(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    fpr, tpr = roc_points(labels, scores)
+    precision, recall = pr_points(labels, scores)
+    auroc, ap = curve_areas(labels, scores)
     out = []
     for name, x, y, xlabel, ylabel, area in (
-            ("roc", fpr, tpr, "false positive rate", "true positive rate", f"I-AUROC {roc_auc_score(labels, scores):.4f}"),
-            ("pr", recall, precision, "recall", "precision", f"I-AP {average_precision_score(labels, scores):.4f}")):
+            ("roc", fpr, tpr, "false positive rate", "true positive rate", f"I-AUROC {auroc:.4f}"),
+            ("pr", recall, precision, "recall", "precision", f"I-AP {ap:.4f}")):
         fig = Figure(figsize=FIGURE_SIZE)
         ax = fig.add_subplot()
         ax.plot(x, y, drawstyle="steps-post" if name == "pr" else "default", linewidth=2, label=area)

@@ -377,8 +377,16 @@ def run_jobs(opts: RunOptions, jobs, gpu: int | None, report) -> None:
         report(index, rows, None)
 
 
-def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int, parent: int) -> None:
+def adopt_start_method(method: str) -> None:
+    """In a job worker: start processes (the DataLoader's workers) the way the parent does. A spawned process
+    defaults to spawn, which would import torch again in every data loader worker (seconds per loader)."""
+    multiprocessing.set_start_method(method, force=True)
+
+
+def _worker(opts: RunOptions, jobs: list[engine.Job], gpu: int, tasks, results, threads: int, parent: int,
+            start_method: str) -> None:
     """A worker process: take job indices from ``tasks`` until its sentinel (None), report rows on ``results``."""
+    adopt_start_method(start_method)
     runstate.die_with_parent()
     runstate.install_stop_handlers()
     if os.getppid() != parent:  # the parent died before the death signal was armed
@@ -414,7 +422,9 @@ def run_parallel(opts: RunOptions, jobs: list[engine.Job], report) -> None:
         tasks.put(None)  # one sentinel per worker: a worker stops only when every job is handed out
     threads = max(1, (os.cpu_count() or 1) // len(opts.gpu))
     # not daemonic: a worker starts DataLoader processes of its own, which daemonic processes may not
-    make = lambda gpu: ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid()))
+    start_method = multiprocessing.get_start_method()  # the DataLoader's, as in a single-process run
+    make = lambda gpu: ctx.Process(target=_worker, args=(opts, jobs, gpu, tasks, results, threads, os.getpid(),
+                                                         start_method))
     workers = [make(gpu) for gpu in opts.gpu]
     replaceable = lambda w: w.exitcode == BROKEN_DEVICE_EXIT and not runstate.stop_requested()
     started: set[int] = set()

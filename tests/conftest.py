@@ -96,11 +96,68 @@ def dataset_error(call, *args) -> str:
     return message
 
 
+# Every training run ends by writing RESULTS/report.html; rasterising its matplotlib figures took about half of a tiny
+# run's time. Only the files that check the report (REPORT_CHECKED) get its figures drawn; elsewhere the report is
+# still built in full (results read, table, sections, every figure laid out) and written, with its figures' PNGs left
+# out. Runs in child processes (tests/test_resume.py, tests/test_results_folder.py, ...) write complete reports.
+REPORT_CHECKED = ("test_report.py", "test_segment.py")
+_DRAW_FIGURES = {"on": False}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _report_figures_drawn_where_checked():
+    """report._save draws and writes a figure only while a REPORT_CHECKED file runs."""
+    import os
+
+    import report
+
+    real = report._save
+
+    def save(fig, results: str, name: str, tight: bool = True) -> str:
+        if _DRAW_FIGURES["on"]:
+            return real(fig, results, name, tight)
+        return os.path.join(report.IMAGES_DIR, name)  # the link report.html carries; no PNG
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(report, "_save", save)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _draw_report_figures(request: pytest.FixtureRequest):
+    """Before the module's own fixtures (autouse first): figures on for the REPORT_CHECKED files."""
+    _DRAW_FIGURES["on"] = request.path.name in REPORT_CHECKED
+    yield
+    _DRAW_FIGURES["on"] = False
+
+
+# Under -n 2 --dist loadfile a file runs on one worker, and xdist hands the files out in the order they were collected
+# (by default it first sorts them by their number of tests, --loadscope-reorder). The slowest files go first, slowest
+# first (measured: docs/tests.md), so that the two workers finish together; the others follow by number of tests.
+SLOW_FILES = ("test_resume.py", "test_export.py", "test_cli.py", "test_quality.py", "test_cras.py", "test_segment.py",
+              "test_results_folder.py", "test_panda_golden.py", "test_imports.py")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (-n 2) every worker process gets one torch thread: two workers share the two cores."""
+    """Under pytest-xdist (-n 2) every worker process gets one torch thread: two workers share the two cores; the
+    scheduler keeps the file order of pytest_collection_modifyitems."""
     import os
 
     import torch
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+    if getattr(config.option, "loadscopereorder", None):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """SLOW_FILES first, in that order, then the other files by number of tests (most first); each file's tests keep
+    their order."""
+    import collections
+
+    counts = collections.Counter(item.path for item in items)
+    rank = lambda item: (SLOW_FILES.index(item.path.name) if item.path.name in SLOW_FILES else len(SLOW_FILES),
+                         -counts[item.path], str(item.path))
+    items.sort(key=rank)

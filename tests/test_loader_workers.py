@@ -39,3 +39,28 @@ def test_workers_persist_across_passes_and_test_sets(tmp_path: Path, monkeypatch
     for part in ("projector", "discriminator"):
         for name, tensor in a["last"]["state"][part].items():
             assert torch.equal(tensor, b["last"]["state"][part][name]), (part, name)
+
+
+def test_job_workers_start_loader_workers_as_the_parent_does():
+    """A spawned process defaults to spawn for its own children: every DataLoader of a --gpu a --gpu b job worker
+    would then import torch again (seconds per pass). The workers take the parent's start method instead."""
+    import multiprocessing
+
+    import loader_probe
+    import runner
+
+    method = multiprocessing.get_start_method()
+    if method != "fork":
+        import pytest
+
+        pytest.skip(f"the default start method here is {method}: nothing to inherit")
+    ctx = multiprocessing.get_context(runner.WORKER_START_METHOD)
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=loader_probe.loader_worker_forked, args=(method, theirs))
+    child.start()
+    try:
+        assert ours.poll(600), "no answer from the job worker"  # a hang guard only
+        assert ours.recv() == 1
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0

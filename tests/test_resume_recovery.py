@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import itertools
 import shutil
 from pathlib import Path
 
@@ -76,7 +77,29 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_tensorboard_after_a_kill_and_a_resume_holds_every_step_once(mvtec_root: Path, tmp_path: Path):
+class _PaddedCounter:
+    """TensorBoard's per-process event file counter, zero padded: names that differ only in it sort in creation order."""
+
+    def __init__(self, start: int):
+        self.next = itertools.count(start)
+
+    def get(self) -> str:
+        return f"{next(self.next):09d}"
+
+
+@pytest.fixture
+def event_files_in_creation_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard reads a folder's event files in name order; it names them by the second they are opened, then the
+    host, the pid and a per-process counter that is not zero padded (``.9`` sorts after ``.10``). The runs of one
+    test share the pid and may open theirs within one second: with the counter padded their names sort in the
+    order they were opened, whatever the clock says."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", _PaddedCounter(event_file_writer._global_uid.get()))
+
+
+def test_tensorboard_after_a_kill_and_a_resume_holds_every_step_once(mvtec_root: Path, tmp_path: Path,
+                                                                     event_files_in_creation_order):
     """8 images, batch 4: 2 steps per epoch. The state saved at epoch 1 step 1 is put back after the run went on
     to write epoch 1's events (a kill -9 before the next save); the resumed run must not show them twice."""
     state = tmp_path / JOB / engine.TRAIN_STATE_NAME
