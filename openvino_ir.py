@@ -17,6 +17,7 @@ Reading order: model_from_onnx, compile_model, run, model_digest, write, read, O
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -78,9 +79,16 @@ def outputs_of(compiled: Any, images: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.array(got[compiled.output(name)]) for name in inference.ONNX_OUTPUTS)
 
 
+@functools.lru_cache(maxsize=2)
+def _compiled_from_onnx(data: bytes, fp16: bool) -> Any:
+    """The compiled IR of an ONNX graph; export runs the same graph several times (quality, thresholds), and
+    converting a graph takes seconds."""
+    return compile_model(model_from_onnx(data, fp16))
+
+
 def run(data: bytes, images: np.ndarray, fp16: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the IR file written from the ONNX graph ``data`` outputs on ``images`` [N, 3, S, S], RUN_BATCH at a time."""
-    compiled = compile_model(model_from_onnx(data, fp16))
+    compiled = _compiled_from_onnx(data, fp16)
     outs = [outputs_of(compiled, images[i:i + RUN_BATCH]) for i in range(0, len(images), RUN_BATCH)]
     return tuple(np.concatenate([o[k] for o in outs]) for k in range(len(inference.ONNX_OUTPUTS)))
 

@@ -124,10 +124,19 @@ def fp32_graphs(exported: Path, trained_checkpoint: Path) -> dict:
     return {("pbas", classes, inference.ONNX_OPSET): exported.read_bytes()}
 
 
+@pytest.fixture(scope="module")
+def int8_graphs() -> dict:
+    """deploy.quantize_int8's graphs by (fp32 graph, calibration images, excluded nodes), filled by fast_export."""
+    return {}
+
+
 @pytest.fixture
-def fast_export(fp32_graphs: dict, monkeypatch: pytest.MonkeyPatch):
-    """main.py export as it is, with the (slow, already tested) dynamo export of each checkpoint done once."""
-    slow = inference.onnx_bytes
+def fast_export(fp32_graphs: dict, int8_graphs: dict, monkeypatch: pytest.MonkeyPatch):
+    """main.py export as it is, with the (slow, already tested) dynamo export of each checkpoint done once, and
+    each quantization (deterministic: the same graph for the same graph, images and exclusions) done once."""
+    import hashlib
+
+    slow, quantize = inference.onnx_bytes, deploy.quantize_int8
 
     def cached(model, opset=inference.ONNX_OPSET):
         key = (model.method.name, tuple(model.classes), opset)
@@ -135,7 +144,14 @@ def fast_export(fp32_graphs: dict, monkeypatch: pytest.MonkeyPatch):
             fp32_graphs[key] = slow(model, opset)
         return fp32_graphs[key]
 
+    def quantized(data, images, exclude=()):
+        key = (hashlib.sha256(data).hexdigest(), hashlib.sha256(images.tobytes()).hexdigest(), tuple(exclude))
+        if key not in int8_graphs:
+            int8_graphs[key] = quantize(data, images, exclude)
+        return int8_graphs[key]
+
     monkeypatch.setattr(inference, "onnx_bytes", cached)
+    monkeypatch.setattr(deploy, "quantize_int8", quantized)
 
 
 def export_cli(checkpoint: Path, output: Path, *extra: str) -> int:
@@ -366,7 +382,8 @@ def test_openvino_files_predict_as_onnx_at_every_precision(which: str, trained_c
     checkpoint = trained_checkpoint if which == "pbas" else cras_checkpoint
     onnx_fp32 = tmp_path / "fp32.onnx"
     assert export_cli(checkpoint, onnx_fp32) == 0
-    files = {precision: tmp_path / f"{precision}.xml" for precision in ("fp32", "fp16", "int8")}
+    precisions = ("fp32", "fp16", "int8") if which == "pbas" else ("fp32", "int8")  # fp16 does not depend on the method
+    files = {precision: tmp_path / f"{precision}.xml" for precision in precisions}
     for precision, path in files.items():
         assert export_cli(checkpoint, path, "--format", "openvino", "--precision", precision) == 0
         model, info = read_ir(path)
@@ -374,8 +391,9 @@ def test_openvino_files_predict_as_onnx_at_every_precision(which: str, trained_c
         assert path.with_suffix(".bin").is_file() and not list(tmp_path.glob(".tmp-*"))
     ops = {precision: {op.get_type_name() for op in read_ir(path)[0].get_ordered_ops()} for precision, path in files.items()}
     assert "FakeQuantize" in ops["int8"] and "FakeQuantize" not in ops["fp32"]
-    fp16_bytes, fp32_bytes = (files[p].with_suffix(".bin").stat().st_size for p in ("fp16", "fp32"))
-    assert 0.45 < fp16_bytes / fp32_bytes < 0.55, (fp16_bytes, fp32_bytes)
+    if "fp16" in files:
+        fp16_bytes, fp32_bytes = (files[p].with_suffix(".bin").stat().st_size for p in ("fp16", "fp32"))
+        assert 0.45 < fp16_bytes / fp32_bytes < 0.55, (fp16_bytes, fp32_bytes)
     assert read_ir(files["fp32"])[1].thresholds == metadata(onnx_fp32)["thresholds"]  # fp32: the checkpoint's
 
     folder = tmp_path / "test"  # both classes' test images in one folder
@@ -389,9 +407,10 @@ def test_openvino_files_predict_as_onnx_at_every_precision(which: str, trained_c
     for p in paths:
         assert got["fp32"][p]["decision"] == want[p]["decision"] and got["fp32"][p]["class"] == want[p]["class"]
         assert float(got["fp32"][p]["image_score"]) == pytest.approx(float(want[p]["image_score"]), abs=SCORE_ATOL)
-        assert float(got["fp16"][p]["image_score"]) == pytest.approx(float(want[p]["image_score"]), abs=1e-2)
+        if "fp16" in got:
+            assert float(got["fp16"][p]["image_score"]) == pytest.approx(float(want[p]["image_score"]), abs=1e-2)
     scores = {k: [float(rows[p]["image_score"]) for p in paths] for k, rows in (("onnx", want), *got.items())}
-    assert spearman(scores["onnx"], scores["fp16"]) >= 0.99
+    assert "fp16" not in scores or spearman(scores["onnx"], scores["fp16"]) >= 0.99
     assert spearman(scores["onnx"], scores["int8"]) >= MIN_SPEARMAN[which], spearman(scores["onnx"], scores["int8"])
     image = folder / paths[-1].rsplit("/", 1)[-1]
     a, b = inference.load_exported(str(files["fp32"]))(image), inference.load_exported(str(onnx_fp32))(image)
@@ -504,12 +523,12 @@ def test_bench_infer_times_the_openvino_files_as_predict_runs_them(exported: Pat
     from test_gpu_paths import benchmark
 
     bench = benchmark("bench_infer")
-    args = bench.parse_args(["--imagesize", str(IMAGESIZE), "--iters", "2", "--warmup", "0", "--batch_sizes", "1", "3"])
+    args = bench.parse_args(["--imagesize", str(IMAGESIZE), "--iters", "2", "--warmup", "0", "--batch_sizes", "1", "2"])
     data = next(iter(fp32_graphs.values()))
     int8 = deploy.quantize_int8(data, np.random.default_rng(0).standard_normal((4, 3, IMAGESIZE, IMAGESIZE), dtype=np.float32))
     rows = [row for p in ("fp32", "fp16", "int8") for row in bench.openvino_rows(args, int8 if p == "int8" else data, p)]
     assert [(r.engine, r.precision, r.batch) for r in rows] == [
-        ("OpenVINO CPU", p, b) for p in ("fp32", "fp16", "int8 (QDQ)") for b in (1, 3)]
+        ("OpenVINO CPU", p, b) for p in ("fp32", "fp16", "int8 (QDQ)") for b in (1, 2)]
     assert all(len(r.seconds) == 2 and min(r.seconds) > 0 for r in rows)
     table = bench.markdown(args, torch.device("cpu"), rows, "")
-    assert "| OpenVINO CPU | int8 (QDQ) | 3 |" in table and bench.cpu_isa() in table
+    assert "| OpenVINO CPU | int8 (QDQ) | 2 |" in table and bench.cpu_isa() in table
