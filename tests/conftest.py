@@ -135,7 +135,7 @@ def _draw_report_figures(request: pytest.FixtureRequest):
 # Under -n 2 --dist loadfile a file runs on one worker, and xdist hands the files out in the order they were collected
 # (by default it first sorts them by their number of tests, --loadscope-reorder). The slowest files go first, slowest
 # first (measured: docs/tests.md), so that the two workers finish together; the others follow by number of tests.
-SLOW_FILES = ("test_resume.py", "test_export.py", "test_cli.py", "test_quality.py", "test_cras.py", "test_segment.py",
+SLOW_FILES = ("test_export.py", "test_resume.py", "test_cli.py", "test_quality.py", "test_cras.py", "test_segment.py",
               "test_results_folder.py", "test_panda_golden.py", "test_imports.py")
 
 
