@@ -41,7 +41,7 @@ import engine
 import inference
 import metrics
 import utils
-from choices import EXPORT_CALIBRATION_SIZE, EXPORT_MAX_DROP
+from choices import EXPORT_CALIBRATION_SIZE, EXPORT_FORMATS, EXPORT_MAX_DROP, EXPORT_PRECISIONS
 from common import Method
 from utils import UserError
 
@@ -75,10 +75,10 @@ def _check_options(opts: ExportOptions, given: set[str]) -> int:
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise UserError(f"--opset {opset}: the installed onnx package knows opsets up to {newest}")
-    if opts.format not in inference.EXPORT_FORMATS:
-        raise UserError(f"--format {opts.format}: this version writes {', '.join(inference.EXPORT_FORMATS)}")
-    if opts.precision not in inference.EXPORT_PRECISIONS:
-        raise UserError(f"--precision {opts.precision}: valid: {', '.join(inference.EXPORT_PRECISIONS)}")
+    if opts.format not in EXPORT_FORMATS:
+        raise UserError(f"--format {opts.format}: this version writes {', '.join(EXPORT_FORMATS)}")
+    if opts.precision not in EXPORT_PRECISIONS:
+        raise UserError(f"--precision {opts.precision}: valid: {', '.join(EXPORT_PRECISIONS)}")
     if opts.precision == "fp32" and given & set(REDUCED_ONLY):
         raise UserError(f"--{sorted(given & set(REDUCED_ONLY))[0]} applies to --precision fp16 and int8 only")
     if opts.precision == "fp16" and opts.format != "openvino":
@@ -338,11 +338,10 @@ def reduced_quality(data: bytes, graph: bytes, images: np.ndarray, validation: V
 
 
 def int8_graph(data: bytes, images: np.ndarray, validation: Validation | None, max_drop: float | None,
-               run: Runtime | None = None) -> tuple[bytes, dict]:
-    """The int8 graph and its quality record (run by ``run``; None: onnxruntime); with ``validation`` the largest
+               run: Runtime) -> tuple[bytes, dict]:
+    """The int8 graph and its quality record (run by ``run``, the file's runtime); with ``validation`` the largest
     quantized part that keeps both AUROC drops within ``max_drop`` (None: EXPORT_MAX_DROP) points, falling back
     to float32 from the graph's start; a UserError when only float32 would."""
-    run = run or run_graph
     quantized = quantize_int8(data, images)
     if validation is None:
         return quantized, reduced_quality(data, quantized, images, None, None, run, "int8")

@@ -55,7 +55,7 @@ import datasets
 import engine
 import methods
 import utils
-from choices import EXPORT_FORMATS, EXPORT_PRECISIONS
+from choices import EXPORT_PRECISIONS
 from common import PRECISIONS, Embedder, Method, autocast
 from datasets.base import IMAGE_READ_ERRORS, read_rgb, to_rgb8
 from utils import InputImage, UserError
@@ -585,7 +585,7 @@ class ExportedInfo:
     imagesize: int
     mean: list[float]
     std: list[float]
-    format: str  # EXPORT_FORMATS
+    format: str  # choices.EXPORT_FORMATS
     precision: str  # EXPORT_PRECISIONS
     quality: dict  # what export measured against float32 (empty at fp32)
     graph_sha256: str  # of the graph as written: a file changed after export is refused
@@ -711,10 +711,10 @@ def load_exported(path: str, device: str | torch.device = "cpu", threshold: floa
     """A file written by ``main.py export`` -> the Scorer of ``load``: preprocessing, classes and thresholds from
     its metadata. An ONNX file is scored by onnxruntime (the CUDA provider for a GPU device), an OpenVINO one
     (its .xml) by OpenVINO on the CPU."""
-    device = torch.device(device)
-    if path.endswith((".xml", ".bin")):
-        import openvino_ir
+    import openvino_ir  # imports openvino only when it reads a file
 
+    device = torch.device(device)
+    if path.endswith((openvino_ir.XML, openvino_ir.BIN)):
         model, info = openvino_ir.read(path)
         if device.type != "cpu":
             LOG.info("%s is an OpenVINO file: it runs on the CPU", path)

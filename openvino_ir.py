@@ -45,13 +45,10 @@ def _ov() -> Any:
     return openvino
 
 
-_CORE: list = []  # one openvino.Core per process, made on first use
-
-
+@functools.lru_cache(maxsize=1)
 def core() -> Any:
-    if not _CORE:
-        _CORE.append(_ov().Core())
-    return _CORE[0]
+    """One openvino.Core per process, made on first use."""
+    return _ov().Core()
 
 
 def model_from_onnx(data: bytes, fp16: bool) -> Any:

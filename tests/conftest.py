@@ -161,3 +161,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rank = lambda item: (SLOW_FILES.index(item.path.name) if item.path.name in SLOW_FILES else len(SLOW_FILES),
                          -counts[item.path], str(item.path))
     items.sort(key=rank)
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)

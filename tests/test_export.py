@@ -315,14 +315,22 @@ def tampered(exported: Path, tmp_path: Path, how: str) -> Path:
 ])
 def test_predict_refuses_a_file_that_is_not_what_it_says(how: str, words: str, exported: Path, mvtec_root: Path,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture):
-    if how == "pickle":
-        import pickle
+    path = pickled(tmp_path / "model.onnx") if how == "pickle" else tampered(exported, tmp_path, how)
+    assert_predict_refuses(path, words, mvtec_root, tmp_path, capsys)
 
-        Pickled.MARKER = str(tmp_path / "code_ran")
-        path = tmp_path / "model.onnx"
+
+def pickled(*paths: Path) -> Path:
+    """Write a pickle that would create tmp_path/code_ran when unpickled to each of ``paths``; -> the first."""
+    import pickle
+
+    Pickled.MARKER = str(paths[0].parent / "code_ran")
+    for path in paths:
         path.write_bytes(pickle.dumps(Pickled()))
-    else:
-        path = tampered(exported, tmp_path, how)
+    return paths[0]
+
+
+def assert_predict_refuses(path: Path, words: str, mvtec_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """predict --model ``path`` exits 2 with one line naming ``words``, runs no code and writes nothing."""
     capsys.readouterr()
     code = main.cli(["--gpu", "-1", "predict", "--model", str(path), str(mvtec_root / "texture" / "test"),
                      "--output", str(tmp_path / "out")])
@@ -476,20 +484,10 @@ def test_predict_refuses_an_openvino_file_that_is_not_what_it_says(how: str, wor
                                                                    mvtec_root: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture):
     if how == "pickle":
-        import pickle
-
-        Pickled.MARKER = str(tmp_path / "code_ran")
-        path = tmp_path / "model.xml"
-        path.write_bytes(pickle.dumps(Pickled()))
-        path.with_suffix(".bin").write_bytes(pickle.dumps(Pickled()))
+        path = pickled(tmp_path / "model.xml", tmp_path / "model.bin")
     else:
         path = tampered_ir(exported_ir, tmp_path, how)
-    capsys.readouterr()
-    code = main.cli(["--gpu", "-1", "predict", "--model", str(path), str(mvtec_root / "texture" / "test"),
-                     "--output", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: --model") and "\n" not in err and words in err, err
-    assert not (tmp_path / "code_ran").exists() and not (tmp_path / "out").exists()
+    assert_predict_refuses(path, words, mvtec_root, tmp_path, capsys)
 
 
 def test_openvino_export_measures_with_openvino_and_refuses_a_lost_bound(trained_checkpoint: Path, mvtec_root: Path,
@@ -520,7 +518,7 @@ def test_openvino_export_measures_with_openvino_and_refuses_a_lost_bound(trained
 
 def test_bench_infer_times_the_openvino_files_as_predict_runs_them(exported: Path, fp32_graphs: dict):
     """benchmarks/bench_infer.py's OpenVINO rows: one per precision and batch size, on the file export writes."""
-    from test_gpu_paths import benchmark
+    from conftest import benchmark
 
     bench = benchmark("bench_infer")
     args = bench.parse_args(["--imagesize", str(IMAGESIZE), "--iters", "2", "--warmup", "0", "--batch_sizes", "2"])

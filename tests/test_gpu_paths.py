@@ -6,10 +6,8 @@ the benchmark's memory figure and the onnxruntime node placement. The same paths
 from __future__ import annotations
 
 import collections
-import importlib
 import math
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -26,18 +24,11 @@ import pbas
 import runner
 import runstate
 import utils
+from conftest import benchmark
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 D, GRID, IMAGESIZE = 16, (4, 4), 16
 POSITIONS = GRID[0] * GRID[1]
 GIB = 2**30
-
-
-def benchmark(name: str):
-    """A script of benchmarks/ as a module."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
 
 
 # ----------------------------------------------------------------------------------------------
